@@ -1,0 +1,93 @@
+"""orbax checkpoints: train state, input-pipeline state and config in one step directory.
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it), so an
+interrupted save never looks complete. The latest ``keep`` checkpoints are kept, plus the best by
+validation Dice.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing or does not fit the model; the message says which and why."""
+
+
+def checkpoint_dir(path: str) -> str:
+    """The checkpoints folder of a workdir, or the path itself if it already is one."""
+    nested = os.path.join(path, "checkpoints")
+    return os.path.abspath(nested if os.path.isdir(nested) else path)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+        preserve = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m["val_dice"], n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=preserve, read_only=read_only,
+                                               create=not read_only, enable_async_checkpointing=True)
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state, data_state: dict | None, config, metrics: dict | None = None) -> None:
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def load_config(self, step: int) -> ml_collections.ConfigDict:
+        path = os.path.join(self.directory, str(step), "config", "metadata")
+        try:
+            with open(path) as f:
+                return ml_collections.ConfigDict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read the checkpoint's config ({e})") from e
+
+    def restore(self, step: int, target_state, with_data: bool = True):
+        """(state, data_state) of ``step``, placed like ``target_state``; data_state None if absent."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if with_data and os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            items["data"] = ocp.args.JsonRestore()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit this model: {e}".splitlines()[0]) from e
+        return restored["state"], restored.get("data") if "data" in items else None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def model_mismatch(saved, current) -> list[str]:
+    """'key: saved vs current' for each model-defining key that differs between two configs."""
+    def flat(cfg):
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        out = {}
+        for key in MODEL_KEYS:
+            value = d.get(key)
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = list(value) if isinstance(value, (tuple, list)) else value
+        return out
+    a, b = flat(saved), flat(current)
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

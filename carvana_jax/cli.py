@@ -1,0 +1,48 @@
+"""Shared command-line plumbing: the --config/--workdir flags, absl start-up, one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from carvana_jax.checkpoint import CheckpointError
+from carvana_jax.config import ConfigError
+from carvana_jax.data.kaggle import DataError
+
+FLAGS = flags.FLAGS
+USER_ERRORS = (DataError, CheckpointError, ConfigError)
+
+
+def define_config_flags(default_config: str | None = "configs/demo.py") -> None:
+    config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()); override keys with "
+                                    "--config.KEY=VALUE.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and plots go "
+                        "(default: workdirs/<config name>).")
+
+
+def workdir_for(config, workdir: str | None) -> str:
+    if workdir:
+        return workdir
+    name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+    return os.path.join("workdirs", name)
+
+
+@contextlib.contextmanager
+def friendly_errors():
+    """Turn the errors a user can fix into one line on stderr and exit status 1."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(main, needs_config: bool = False) -> None:
+    """absl.app.run (grain's worker processes read absl flags), quieter logs, config flags if asked."""
+    if needs_config:
+        define_config_flags()
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)

@@ -1,0 +1,31 @@
+"""Checks of a config's values, so a bad one fails at start-up with the key named."""
+from __future__ import annotations
+
+from carvana_jax import losses
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def validate_config(config) -> None:
+    h, w = config.image_size
+    step = 2 ** config.model.depth
+    if h % step or w % step:
+        raise ConfigError(f"image_size {h}x{w} must be divisible by 2**model.depth = {step}")
+    for key in ("batch_size", "grad_accum_steps", "num_train_steps", "checkpoint_every", "eval_every", "log_every",
+                "eval_batch_size", "model.features", "model.depth"):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value < 1:
+            raise ConfigError(f"{key} must be ≥ 1, got {value}")
+    choices = {"loss": tuple(losses.LOSSES), "model.norm": ("batch", "none"),
+               "model.block": ("double_conv", "dense"), "model.dtype": ("float32", "bfloat16"),
+               "optimizer": ("adam", "adamw", "rmsprop"), "data_source": ("folder",)}
+    for key, allowed in choices.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")

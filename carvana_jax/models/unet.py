@@ -1,0 +1,111 @@
+"""U-Net in Flax linen: DoubleConv (or dense) blocks, max-pool down, nearest up-sampling up.
+
+With the defaults (depth 4, double_conv) it is the seed's network: 4 down blocks, a centre block
+and 4 up blocks of two 3×3 conv + BatchNorm + ReLU each (18 convs), then a 1×1 conv to one logit.
+BatchNorm statistics are averaged over ``axis_name`` so data-parallel training normalises by the
+global batch, exactly as one device would.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+AXIS = "data"
+
+
+def _norm(kind: str, train: bool, dtype):
+    if kind == "batch":
+        return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 axis_name=AXIS if train else None, dtype=dtype)
+    if kind == "none":
+        return None
+    raise ValueError(f"model.norm must be 'batch' or 'none', got {kind!r}")
+
+
+class ConvNormReLU(nn.Module):
+    features: int
+    norm: str
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = _norm(self.norm, train, self.dtype)
+        x = nn.Conv(self.features, (3, 3), use_bias=norm is None, dtype=self.dtype)(x)
+        if norm is not None:
+            x = norm()(x)
+        return nn.relu(x)
+
+
+class DoubleConv(nn.Module):
+    """(3×3 conv → norm → ReLU) × 2."""
+    features: int
+    norm: str
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = ConvNormReLU(self.features, self.norm, self.dtype)(x, train)
+        return ConvNormReLU(self.features, self.norm, self.dtype)(x, train)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style block: each layer sees all earlier ones; a 1×1 conv brings it to ``features``."""
+    features: int
+    norm: str
+    dtype: Any
+    layers: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        growth = max(self.features // 2, 4)
+        for _ in range(self.layers):
+            x = jnp.concatenate([x, ConvNormReLU(growth, self.norm, self.dtype)(x, train)], axis=-1)
+        return nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype)(x))
+
+
+def _upsample2x(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class UNet(nn.Module):
+    """(B, H, W, 3) images in [0, 1] → (B, H, W) logits of 'car'."""
+    features: int = 32
+    depth: int = 4
+    norm: str = "batch"
+    block: str = "double_conv"
+    dense_layers: int = 4
+    dtype: Any = jnp.float32
+
+    def _block(self, features: int, name: str) -> nn.Module:
+        if self.block == "double_conv":
+            return DoubleConv(features, self.norm, self.dtype, name=name)
+        if self.block == "dense":
+            return DenseBlock(features, self.norm, self.dtype, self.dense_layers, name=name)
+        raise ValueError(f"model.block must be 'double_conv' or 'dense', got {self.block!r}")
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        skips = []
+        for level in range(self.depth):
+            x = self._block(self.features * 2**level, f"down{level}")(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = self._block(self.features * 2**self.depth, "centre")(x, train)
+        for level in reversed(range(self.depth)):
+            x = jnp.concatenate([_upsample2x(x), skips[level]], axis=-1)
+            x = self._block(self.features * 2**level, f"up{level}")(x, train)
+        logits = nn.Conv(1, (1, 1), dtype=jnp.float32, name="head")(x)
+        return logits[..., 0].astype(jnp.float32)
+
+
+def from_config(model_cfg) -> UNet:
+    """The U-Net a ``config.model`` describes."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if model_cfg.dtype not in dtypes:
+        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_cfg.dtype!r}")
+    return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
+                dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype])

@@ -1,0 +1,27 @@
+"""The train state: parameters, BatchNorm statistics, optimiser state, step and PRNG key."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+    """flax's TrainState plus BatchNorm statistics and a PRNG key. ``step`` counts micro-steps."""
+    batch_stats: dict
+    rng: jax.Array
+
+    @property
+    def update_step(self):
+        """Optimiser updates so far (micro-steps / grad_accum_steps)."""
+        return self.opt_state.gradient_step
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       image_size: tuple[int, int]) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1, *image_size, 3), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), rng=state_rng)

@@ -1,0 +1,57 @@
+"""Every config key with its default; the other configs import this and change a few fields.
+
+Keys (all overridable as --config.KEY=VALUE; an unknown key is an error):
+  data_dir, data_source, seed, image_size (H, W), batch_size (global), grad_accum_steps,
+  num_train_steps (optimiser updates), val_fraction, learning_rate, warmup_steps, optimizer,
+  weight_decay, grad_clip_norm, checkpoint_every, eval_every, keep_checkpoints, log_every,
+  num_workers, skip_bad_files, loss, threshold, num_plot_images, model.*, augment.*.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.data_dir = "data/kaggle"        # the Kaggle download (zips or unzipped)
+    c.data_source = "folder"          # 'folder' reads the Kaggle layout directly
+    c.seed = 0
+    c.image_size = (768, 768)         # (H, W) the model sees; the photo is warped to it
+    c.batch_size = 4                  # global batch over all devices and processes, per micro-step
+    c.grad_accum_steps = 1            # micro-steps per optimiser update (optax.MultiSteps)
+    c.num_train_steps = 20_000        # optimiser updates (not micro-steps)
+    c.val_fraction = 0.0              # share of CARS held out; 0 trains on everything, as the seed did
+    c.learning_rate = 1e-3
+    c.warmup_steps = 500              # updates of linear warm-up before the cosine decay
+    c.optimizer = "adam"              # 'adam' | 'adamw' | 'rmsprop'
+    c.weight_decay = 1e-4             # used by adamw only
+    c.grad_clip_norm = 1.0            # global-norm clipping; 0 disables it
+    c.loss = "bce_dice"               # 'bce' | 'dice' | 'bce_dice' | 'bce_jaccard'
+    c.threshold = 0.5                 # probability above which a pixel is car
+    c.checkpoint_every = 1000         # optimiser updates between checkpoints
+    c.eval_every = 1000               # optimiser updates between validation passes
+    c.keep_checkpoints = 3            # latest checkpoints kept (the best by val Dice is kept too)
+    c.log_every = 20                  # optimiser updates between metrics.jsonl lines
+    c.num_workers = 2                 # grain worker processes decoding and augmenting; 0 = in-process
+    c.prefetch_batches = 2            # batches placed on the devices ahead of the step using them
+    c.skip_bad_files = False          # skip (and count) unreadable images instead of failing
+    c.num_plot_images = 4             # validation images drawn in plots/overlays.png
+    c.eval_batch_size = 8
+
+    c.model = ml_collections.ConfigDict()
+    c.model.features = 32             # width of the first block; doubles per level
+    c.model.depth = 4                 # down blocks (the seed: 4 down, 1 centre, 4 up = 18 convs)
+    c.model.norm = "batch"            # 'batch' (synchronised over devices) | 'none'
+    c.model.block = "double_conv"     # 'double_conv' | 'dense'
+    c.model.dense_layers = 4          # conv layers per block when block='dense'
+    c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.enabled = True
+    c.augment.zoom = 0.1              # scale drawn from [1-zoom, 1+zoom]
+    c.augment.shear = 0.05            # shear angle in radians, ±
+    c.augment.rotation = 5.0          # degrees, ±
+    c.augment.shift = 0.0625          # fraction of width/height, ±
+    c.augment.hflip = 0.5             # probability of a horizontal flip
+    c.augment.brightness = 0.1        # image only: ±10% brightness
+    c.augment.contrast = 0.1          # image only: ±10% contrast
+    c.augment.saturation = 0.1        # image only: ±10% saturation
+    return c

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# carvana_jax front door.
+#   ./run.sh                      set up, make synthetic data, train configs/demo.py, evaluate, write a submission
+#   ./run.sh CONFIG [--config.k=v ...]   train CONFIG, then evaluate it (val Dice if it holds cars out) and submit
+#   ./run.sh test [pytest args]   set up and run the test suite
+# Set-up creates .venv (CUDA 12 jax where nvidia-smi works) and reinstalls when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY="$VENV/bin/python"
+
+setup() {
+  local extras="dev" stamp
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then extras="dev,cuda12"; fi
+  stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)-$extras"
+  [[ -f "$stamp" ]] && return
+  echo "setting up $VENV (extras: $extras) ..."
+  [[ -x "$PY" ]] || python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -e ".[$extras]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+}
+
+train_and_evaluate() {
+  local config="$1"; shift
+  local name workdir
+  name=$(basename "$config" .py)
+  workdir="${WORKDIR:-workdirs/$name}"
+  "$PY" -m carvana_jax.train --config "$config" --workdir "$workdir" "$@"
+  local val_fraction
+  val_fraction=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['val_fraction'])" \
+    "$(ls -d "$workdir"/checkpoints/*/config/metadata | head -1)")
+  if [[ "$val_fraction" != "0.0" && "$val_fraction" != "0" ]]; then
+    "$PY" -m carvana_jax.eval --ckpt "$workdir" --split val
+  fi
+  "$PY" -m carvana_jax.eval --ckpt "$workdir" --split test --out "$workdir/submission.csv"
+  echo "plots:      $workdir/plots/"
+  echo "metrics:    $workdir/metrics.jsonl"
+  echo "submission: $workdir/submission.csv"
+}
+
+setup
+export PYTHONUNBUFFERED=1
+case "${1:-}" in
+  test)
+    shift
+    exec "$PY" -m pytest "$@"
+    ;;
+  "")
+    data=data/synthetic
+    if [[ ! -f "$data/sample_submission.csv" ]]; then
+      "$PY" -m carvana_jax.data.synthetic --out "$data" --cars 24 --test_cars 4
+    fi
+    train_and_evaluate configs/demo.py --config.data_dir="$data"
+    ;;
+  -h|--help|help)
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  *)
+    train_and_evaluate "$@"
+    ;;
+esac
