@@ -22,6 +22,7 @@ class TrainState(train_state.TrainState):
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
                        image_size: tuple[int, int]) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    variables = model.init(init_rng, jnp.zeros((1, *image_size, 3), jnp.float32), train=False)
+    init = jax.jit(model.init, static_argnames="train")  # one compiled program, not op-by-op dispatch
+    variables = init(init_rng, jnp.zeros((1, *image_size, 3), jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), rng=state_rng)

@@ -19,3 +19,23 @@ def kaggle_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "kaggle"
     synthetic.generate(str(out), num_cars=3, num_test_cars=1, seed=0, progress=False)
     return str(out)
+
+
+@pytest.fixture
+def tiny_config(kaggle_dir):
+    """The demo config shrunk to seconds: 64×96 images, a 3-level U-Net of width 4, 4 updates."""
+    from configs import demo
+    c = demo.get_config()
+    c.data_dir = kaggle_dir
+    c.image_size = (64, 96)
+    c.batch_size = 4
+    c.num_train_steps = 4
+    c.warmup_steps = 1
+    c.checkpoint_every = 2
+    c.eval_every = 2
+    c.log_every = 1
+    c.num_workers = 0
+    c.val_fraction = 0.34  # one of the three cars
+    c.model.features = 4
+    c.model.depth = 3
+    return c

@@ -1,9 +1,12 @@
 """grain input pipelines: shuffled, paired-augmented training batches and in-order eval batches.
 
 Training: source → shuffle (reseeded each epoch) → repeat → random_map(PairedAugment) → this
-process's slice of every global batch → batch → worker processes. Randomness is keyed by the
-element's global index, so the same seed gives the same global batches whatever the number of
-processes, workers or micro-steps they are cut into.
+process's slice of every global batch → worker processes → drop bad files → batch. Randomness is
+keyed by the element's global index, so the same seed gives the same global batches whatever the
+number of processes, workers or micro-steps they are cut into. Workers each take every
+num_workers-th element and grain interleaves them back in order, so the many-to-one steps (the
+filter and the batching) run after the workers, in this process: batched inside the workers, a
+batch would hold every num_workers-th element instead of consecutive ones.
 """
 from __future__ import annotations
 
@@ -91,10 +94,12 @@ class ProcessSlice(grain.MapDataset):
         return f"ProcessSlice(offset={self._offset}, local_batch={self._local_batch})"
 
 
-def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+def _with_workers(ds: grain.IterDataset, num_workers: int, batch_size: int) -> grain.IterDataset:
+    """Elements of ``ds`` made in worker processes, in the same order; about two batches buffered."""
     if num_workers <= 0:
         return ds
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+    buffer = max(2, -(-2 * batch_size // num_workers))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer))
 
 
 def train_dataset(records: list[Record], config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -103,13 +108,14 @@ def train_dataset(records: list[Record], config, process_index: int = 0, process
         raise DataError("no training images (is val_fraction too large?)")
     ds = grain.MapDataset.source(records).shuffle(seed=config.seed).repeat()
     ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files), seed=config.seed)
+    local_batch = config.batch_size // process_count
     ds = ProcessSlice(ds, config.batch_size, process_index, process_count).to_iter_dataset()
-    ds = ds.filter(_is_good).batch(config.batch_size // process_count, drop_remainder=True)
-    return _with_workers(ds, config.num_workers)
+    ds = _with_workers(ds, config.num_workers, local_batch)
+    return ds.filter(_is_good).batch(local_batch, drop_remainder=True)
 
 
 def eval_dataset(records: list[Record], config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
     """Every record once, in order, at model size (with full-size masks where known)."""
     ds = grain.MapDataset.source(records).map_with_index(LoadForEval(config.image_size, config.skip_bad_files))
-    ds = ds.to_iter_dataset().filter(_is_good).batch(batch_size, drop_remainder=False)
-    return _with_workers(ds, config.num_workers if num_workers is None else num_workers)
+    ds = _with_workers(ds.to_iter_dataset(), config.num_workers if num_workers is None else num_workers, batch_size)
+    return ds.filter(_is_good).batch(batch_size, drop_remainder=False)

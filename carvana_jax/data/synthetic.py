@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -48,12 +48,14 @@ ANGLE_STEP = 360.0 / NUM_ANGLES
 _SHIFT = 3  # fractional bits for cv2.fillPoly coordinates (sub-pixel precise polygons)
 _ONE = 1 << _SHIFT
 _BG_SCALE = 4  # background and shadow are computed at 1/4 resolution, then upsampled
+_NOISE_PAD = 32
 _BG_H, _BG_W = IMAGE_H // _BG_SCALE, int(math.ceil(IMAGE_W / _BG_SCALE))
 
 # Normalised cross-section of the lower body (half-width fraction, height fraction), as a closed
 # ring: right side bottom -> top, then left side top -> bottom.
 _RING_HALF = [(0.84, 0.0), (0.96, 0.1), (1.0, 0.32), (1.0, 0.6), (0.97, 0.8), (0.88, 0.94), (0.62, 1.0)]
 _RING = np.array(_RING_HALF + [(-sy, sz) for sy, sz in reversed(_RING_HALF)], dtype=np.float64)
+_CABIN_SINK = 0.05  # the greenhouse starts this far below the belt, on the body's shoulders
 _TRIM_EDGES = (0, 1, len(_RING) - 2, len(_RING) - 1)  # ring edges near the bottom (rocker panels)
 
 # (name, rgb, weight): about a third of the weight is white / silver / light grey / beige.
@@ -117,7 +119,7 @@ class OutputExistsError(FileExistsError):
 # Car and studio description
 # --------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class Car:
     """Everything needed to render one car from any angle: shape, paint, camera and studio."""
     body: str
@@ -166,10 +168,22 @@ class Car:
     floor: np.ndarray
     wall_dist: float
     cove: float
-    background: np.ndarray = field(repr=False)  # (_BG_H, _BG_W, 3) float32 studio without shadow
     shadow_strength: float = 0.5
     shadow_blur: float = 0.05
     noise: int = 3
+    noise_seed: int = 0
+    studio_seed: int = 0
+
+    @cached_property
+    def background(self) -> np.ndarray:
+        """The empty studio at 1/4 resolution, (_BG_H, _BG_W, 3) float32 RGB in 0..1, without shadow."""
+        return _studio_background(self, np.random.default_rng(self.studio_seed))
+
+    @cached_property
+    def noise_tile(self) -> np.ndarray:
+        """Sensor noise in 0..2*noise, a little larger than a photo; each photo takes a shifted window."""
+        rng = np.random.default_rng(self.noise_seed)
+        return rng.integers(0, 2 * self.noise + 1, (IMAGE_H + _NOISE_PAD, IMAGE_W + _NOISE_PAD, 3), dtype=np.uint8)
 
     @property
     def is_light(self) -> bool:
@@ -211,7 +225,7 @@ def sample_car(rng: np.random.Generator, paint: str | None = None) -> Car:
     ws, rf, rr, rw = (f * L + _u(rng, -0.02, 0.02) * L for f in spec["cab"])
     rw = max(rw, -L / 2 + 0.02)
     half = W / 2
-    cabin_w = (half * _u(rng, 0.86, 0.92), half * _u(rng, 0.62, 0.74))
+    cabin_w = (half * _u(rng, 0.84, 0.88), half * _u(rng, 0.62, 0.72))
     pb = rr + (rf - rr) * _u(rng, 0.38, 0.55)
     pillars = (pb, rr + (pb - rr) * _u(rng, 0.25, 0.45)) if spec["third"] else (pb,)
     round_ends = (_u(rng, 0.18, 0.32), _u(rng, 0.06, 0.14), _u(rng, 0.08, 0.2) * half)
@@ -231,7 +245,7 @@ def sample_car(rng: np.random.Generator, paint: str | None = None) -> Car:
     # Camera: a fixed camera, the car turns on a turntable. Focal length so that the side view
     # spans 40-80 % of the image width.
     cam_dist = _u(rng, 7.0, 12.0)
-    frac = _u(rng, 0.42, 0.78)
+    frac = _u(rng, 0.42, 0.72)
     focal = frac * IMAGE_W * cam_dist / L
     slack = max(0.0, (0.92 - frac) / 2)
     center = (IMAGE_W * (0.5 + _u(rng, -0.6, 0.6) * min(0.06, slack)),
@@ -243,7 +257,7 @@ def sample_car(rng: np.random.Generator, paint: str | None = None) -> Car:
     tint = rng.uniform(-0.02, 0.02, 3)
     wall = np.clip(_u(rng, 0.78, 0.97) + tint, 0, 1)
     floor = np.clip(wall + _u(rng, -0.14, 0.04) + rng.uniform(-0.015, 0.015, 3), 0, 1)
-    car = Car(
+    return Car(
         body=body, year=int(rng.integers(2001, 2018)), make=make, model=model,
         trim1=_TRIM1[rng.integers(len(_TRIM1))], trim2=_TRIM2[rng.integers(len(_TRIM2))],
         length=L, width=W, height=H, clearance=c, belt=belt, nose=nose, deck=deck, wheel_r=r,
@@ -255,11 +269,10 @@ def sample_car(rng: np.random.Generator, paint: str | None = None) -> Car:
         spokes=int(rng.choice([5, 5, 6, 7, 10])),
         cam_dist=cam_dist, cam_height=cam_height, target_z=target_z, focal=focal, center=center,
         light_side=_u(rng, -0.6, 0.6), wall=wall, floor=floor, wall_dist=_u(rng, 2.0, 10.0),
-        cove=_u(rng, 2.0, 30.0), background=np.zeros(0, np.float32),
-        shadow_strength=_u(rng, 0.3, 0.6), shadow_blur=_u(rng, 0.03, 0.08), noise=int(rng.integers(2, 6)),
+        cove=_u(rng, 2.0, 30.0),
+        shadow_strength=_u(rng, 0.4, 0.7), shadow_blur=_u(rng, 0.03, 0.08), noise=int(rng.integers(2, 6)),
+        noise_seed=int(rng.integers(2 ** 63)), studio_seed=int(rng.integers(2 ** 63)),
     )
-    car.background = _studio_background(car, rng)
-    return car
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +285,7 @@ class _Geometry:
     body_normals: np.ndarray    # (F, 3) outward
     body_trim: np.ndarray       # (F,) bool: painted with the trim colour
     caps: list                  # [(points (K,3), normal (3,))] front and rear end faces
-    seams: list                 # [(side, points (n,3))] door lines on the sides
+    seams: list                 # [(side, points (n,3), thickness)] door lines and handles
     cabin_quads: np.ndarray
     cabin_normals: np.ndarray
     glass: list                 # [(points (n,3), normal (3,))]
@@ -388,7 +401,8 @@ def _build_geometry(car: Car) -> _Geometry:
 
     lamp = np.array([0.9, 0.92, 0.95])
     decals = []
-    decals += on_cap(0, [(0.45, 0.6), (0.86, 0.64), (0.84, 0.86), (0.43, 0.82)], lamp, True)
+    decals += on_cap(0, [(0.42, 0.56), (0.9, 0.6), (0.88, 0.88), (0.4, 0.84)], np.full(3, 0.18), True)
+    decals += on_cap(0, [(0.5, 0.63), (0.83, 0.66), (0.82, 0.81), (0.49, 0.78)], lamp, True)
     decals += on_cap(0, [(-0.32, 0.36), (0.32, 0.36), (0.36, 0.74), (-0.36, 0.74)], np.full(3, 0.08), False)
     decals += on_cap(0, [(-0.55, 0.1), (0.55, 0.1), (0.58, 0.26), (-0.58, 0.26)], np.full(3, 0.1), False)
     decals += on_cap(1, [(0.52, 0.55), (0.9, 0.58), (0.88, 0.84), (0.52, 0.8)], np.array([0.62, 0.04, 0.05]), True)
@@ -408,18 +422,24 @@ def _build_geometry(car: Car) -> _Geometry:
         sz = np.linspace(0.12, 0.86, 6)
         for side in (1, -1):
             seams.append((side, np.stack([np.full(6, x), side * 1.003 * w * np.interp(sz, ring_sz, ring_sy),
-                                          b + sz * (t - b)], 1)))
+                                          b + sz * (t - b)], 1), 1))
+            if x != seam_x[0]:  # a door handle ahead of the door's rear edge
+                hx = np.array([x - 0.2, x - 0.08])
+                hz = b + 0.78 * (t - b)
+                hy = side * 1.006 * w * np.interp(0.78, ring_sz, ring_sy)
+                seams.append((side, np.stack([hx, np.full(2, hy), np.full(2, hz)], 1), 3))
 
     # Greenhouse: a second loft from the rear-window base to the windscreen base.
     cx = np.unique(np.concatenate([np.linspace(rw, rr, 8), np.linspace(rr, rf, 8), np.linspace(rf, ws, 10)]))
     zroof = _roof(car, cx)
-    z0 = _profile(car, cx)[1] - 0.04
+    z0 = _profile(car, cx)[1] - _CABIN_SINK
     cw, tw = car.cabin_w
     # Cross-section: sloping sides (tumblehome) from the belt to the roof rails, a rounded roof.
     ring_y = np.array([cw, tw + 0.12 * (cw - tw), tw * 0.94, tw * 0.6])
     ring_z = np.array([0.0, 0.86, 0.97, 1.0])
     ring = np.concatenate([np.stack([ring_y, ring_z], 1), np.stack([-ring_y[::-1], ring_z[::-1]], 1)])
-    cab_quads, cab_normals, _ = _loft(cx, np.stack([ring[:, 0] / cw, ring[:, 1]], 1), z0, zroof, np.full_like(cx, cw))
+    cab_quads, cab_normals, _ = _loft(cx, np.stack([ring[:, 0] / cw, ring[:, 1]], 1), z0, zroof,
+                                      cw * _cabin_scale(car, cx))
 
     # Glass: windscreen, rear window, and side windows split by pillars.
     glass = []
@@ -441,9 +461,9 @@ def _build_geometry(car: Car) -> _Geometry:
     # Mirrors at the base of the A pillars.
     mirrors = []
     mx = ws - 0.12
-    mz = _profile(car, np.array([mx]))[1][0] + 0.1
+    mz = _profile(car, np.array([mx]))[1][0] + 0.03
     for side in (1, -1):
-        q, n = _box(mx, side * (cw + 0.1), mz, 0.12, 0.2, 0.12)
+        q, n = _box(mx, side * (cw + 0.06), mz, 0.1, 0.17, 0.13)
         mirrors.append((side, q, n))
 
     wells = []
@@ -480,12 +500,18 @@ def _roof(car: Car, x: np.ndarray) -> np.ndarray:
     return np.maximum(z, belt - 0.02)
 
 
+def _cabin_scale(car: Car, x: np.ndarray) -> np.ndarray:
+    """Width factor of the greenhouse so it never overhangs the lower body (near the rounded tail)."""
+    return np.minimum(1.0, 0.88 * _profile(car, x)[2] / car.cabin_w[0])
+
+
 def _top_glass(car: Car, gx: np.ndarray, frac: float) -> tuple[np.ndarray, np.ndarray]:
     """A windscreen or rear window: a strip on the greenhouse top between the two side rails."""
     tw = car.cabin_w[1]
     z = _roof(car, gx) + 0.008
-    right = np.stack([gx, np.full_like(gx, frac * tw), z], 1)
-    left = np.stack([gx, np.full_like(gx, -frac * tw), z], 1)[::-1]
+    y = frac * tw * _cabin_scale(car, gx)
+    right = np.stack([gx, y, z], 1)
+    left = np.stack([gx, -y, z], 1)[::-1]
     pts = np.concatenate([right, left])
     n = _newell(pts)
     if n[2] < 0:
@@ -498,7 +524,7 @@ def _side_glass(car: Car, x0: float, x1: float, side: int, pw: float):
     if x1 - x0 < 0.12:
         return None
     xs = np.linspace(x0, x1, 24)
-    belt = _profile(car, xs)[1] - 0.04
+    belt = _profile(car, xs)[1] - _CABIN_SINK
     # Eroding the roof line sideways by the pillar width insets the window from the A/C pillars.
     top = np.minimum(_roof(car, xs - pw), _roof(car, xs + pw))
     zt = belt + 0.86 * (top - belt) - 0.04
@@ -507,7 +533,8 @@ def _side_glass(car: Car, x0: float, x1: float, side: int, pw: float):
     if ok.sum() < 2:
         return None
     xs, zt, zb, belt, top = xs[ok], zt[ok], zb[ok], belt[ok], top[ok]
-    cw, tw = car.cabin_w
+    scale = _cabin_scale(car, xs)
+    cw, tw = car.cabin_w[0] * scale, car.cabin_w[1] * scale
     y_top = tw + 0.12 * (cw - tw)
 
     def y_at(z, b, t):
@@ -567,7 +594,7 @@ def _studio_background(car: Car, rng: np.random.Generator) -> np.ndarray:
     horizon = float(np.clip(uv[1], 0.18 * IMAGE_H, 0.78 * IMAGE_H)) / _BG_SCALE
     rows = np.arange(_BG_H, dtype=np.float32)[:, None]
     cols = np.arange(_BG_W, dtype=np.float32)[None, :]
-    blend = 1 / (1 + np.exp(-(rows - horizon) / (car.cove / _BG_SCALE)))  # 0 on the wall, 1 on the floor
+    blend = 0.5 * (1 + np.tanh((rows - horizon) / (2 * car.cove / _BG_SCALE)))  # 0 wall .. 1 floor
     wall_grad = 1 + _u(rng, -0.08, 0.06) * (rows / _BG_H - 0.5)
     floor_grad = 1 + _u(rng, -0.06, 0.1) * ((rows - horizon) / max(_BG_H - horizon, 1.0))
     xc = (cols / _BG_W - 0.5) * 2
@@ -585,27 +612,48 @@ def _studio_background(car: Car, rng: np.random.Generator) -> np.ndarray:
 
 
 def _shadow(car: Car, cam: _Camera) -> np.ndarray:
-    """Soft shadow on the floor under the car, at 1/4 resolution, 0 (none) .. 1 (darkest)."""
-    s = 1.0 / _BG_SCALE
-    L, W = car.length, car.width
-    px_per_m = car.focal / car.cam_dist * s
+    """Soft shadow on the floor under the car, at 1/4 resolution, 0 (none) .. 1 (darkest).
 
-    def blurred(poly_list, sigma_m, value=1.0):
-        layer = np.zeros((_BG_H, _BG_W), np.float32)
-        for poly in poly_list:
-            uv, _ = cam.project(poly, s)
-            cv2.fillPoly(layer, [np.round(uv * _ONE).astype(np.int32)], value, cv2.LINE_AA, _SHIFT)
-        sigma = max(0.8, sigma_m * px_per_m)
-        return cv2.GaussianBlur(layer, (0, 0), sigma)
+    Computed on the floor plane (each pixel's ray meets z = 0), so its softness is in metres and
+    it is foreshortened like the floor.
+    """
+    out = np.zeros((_BG_H, _BG_W), np.float32)
+    L, W = car.length / 2, car.width / 2
+    blur = car.shadow_blur * 4  # metres
+    reach = 0.2 + 6 * blur  # beyond this the shadow is negligible
+    corners = np.array([[sx * (L + reach), sy * (W + reach), 0.0] for sx in (-1, 1) for sy in (-1, 1)])
+    uv, depth = cam.project(corners, 1.0 / _BG_SCALE)
+    if (depth <= 0).any():
+        return out
+    x0, y0 = np.clip(np.floor(uv.min(0)).astype(int), 0, [_BG_W, _BG_H])
+    x1, y1 = np.clip(np.ceil(uv.max(0)).astype(int) + 1, 0, [_BG_W, _BG_H])
+    if x1 <= x0 or y1 <= y0:
+        return out
+    u = (np.arange(x0, x1, dtype=np.float32) + 0.5) * _BG_SCALE
+    v = (np.arange(y0, y1, dtype=np.float32) + 0.5) * _BG_SCALE
+    du, dv = np.meshgrid((u - cam.cx) / cam.focal, -(v - cam.cy) / cam.focal)
+    basis = cam.basis.astype(np.float32)
+    rays = du[..., None] * basis[0] + dv[..., None] * basis[1] + basis[2]  # world frame
+    down = rays[..., 2] < -1e-6
+    t = np.where(down, np.float32(-cam.pos[2]) / np.where(down, rays[..., 2], -1.0), 0.0)
+    ground = (cam.pos.astype(np.float32) + t[..., None] * rays) @ cam.rot.astype(np.float32)  # car frame
+    gx, gy = ground[..., 0], ground[..., 1]
+    ax, ay = np.abs(gx), np.abs(gy)
 
-    def rect(hl, hw, cx=0.0, cy=0.0):
-        return np.array([[cx + hl, cy + hw, 0], [cx - hl, cy + hw, 0], [cx - hl, cy - hw, 0], [cx + hl, cy - hw, 0]])
+    def soft_box(margin: float, sigma: float) -> np.ndarray:
+        return (0.25 * (1 + np.tanh((L + margin - ax) / (2 * sigma)))
+                * (1 + np.tanh((W + margin - ay) / (2 * sigma))))
 
-    core = blurred([rect(L / 2 * 0.98, W / 2 * 1.02)], car.shadow_blur * L)
-    halo = blurred([rect(L / 2 * 1.15, W / 2 * 1.35)], 2.5 * car.shadow_blur * L)
-    contact = blurred([rect(0.3 * car.wheel_r, car.tyre_w / 2 + 0.03, xa, side * (W / 2 * 0.97 - 0.02 - car.tyre_w / 2))
-                       for xa, side in car.geometry.wheels], 0.05)
-    return np.clip(0.75 * core + 0.35 * halo + 0.8 * contact, 0, 1)
+    core = soft_box(-0.05, 0.25 * blur)
+    halo = soft_box(0.2 + blur, blur)
+    contact = np.zeros_like(ax)
+    for xa, side in car.geometry.wheels:
+        yc = side * (W * 0.97 - 0.02 - car.tyre_w / 2)
+        d2 = ((gx - xa) / (0.5 * car.wheel_r)) ** 2 + ((gy - yc) / car.tyre_w) ** 2
+        contact += np.exp(-np.minimum(d2, 50.0))
+    shadow = np.clip(0.8 * core + 0.45 * halo + 0.9 * contact, 0, 1)
+    out[y0:y1, x0:x1] = np.where(down, shadow, 0.0)
+    return out
 
 
 def _shade(car: Car, cam: _Camera, base: np.ndarray, points: np.ndarray, normals: np.ndarray,
@@ -748,23 +796,23 @@ def render_view(car: Car, angle: float, rng: np.random.Generator) -> tuple[np.nd
                 if not near[side]:
                     _draw_wheel(img, mask, car, cam, xa, side)
 
-    # Lower body (with its end faces), depth sorted together.
-    base = np.where(geo.body_trim[:, None], car.trim if car.trim is not None else car.paint, car.paint[None])
-    polys = list(geo.body_quads)
-    normals = list(geo.body_normals)
-    bases = list(base)
+    # Lower body (with its end faces), back faces culled, depth sorted (far first).
+    centroids = geo.body_quads.mean(1)
+    vis = cam.facing(centroids, geo.body_normals) > 1e-9
+    base = np.where(geo.body_trim[vis, None], car.trim if car.trim is not None else car.paint, car.paint[None])
+    colors = list(_shade(car, cam, base, centroids[vis], geo.body_normals[vis]))
+    uv, depth = cam.project(geo.body_quads[vis])
+    polys = list(uv)
+    depths = list(depth.mean(1))
     for pts, n in geo.caps:
-        polys.append(pts)
-        normals.append(n)
-        bases.append(car.paint)
-    centroids = np.array([p.mean(0) for p in polys])
-    normals = np.array(normals)
-    vis = cam.facing(centroids, normals) > 1e-9
-    idx = np.flatnonzero(vis)
-    colors = _shade(car, cam, np.array(bases)[idx], centroids[idx], normals[idx])
-    proj = [cam.project(polys[i]) for i in idx]
-    for j in np.argsort([-d.mean() for _, d in proj], kind="stable"):
-        _fill(img, mask, proj[j][0], colors[j])
+        c = pts.mean(0)
+        if cam.facing(c, n) > 1e-9:
+            cuv, cdepth = cam.project(pts)
+            polys.append(cuv)
+            depths.append(cdepth.mean())
+            colors.append(_shade(car, cam, car.paint[None], c[None], n[None])[0])
+    for j in np.argsort(-np.array(depths), kind="stable"):
+        _fill(img, mask, polys[j], colors[j])
 
     # Lights, grille and plate on visible end faces; door seams on visible sides.
     for cap_i, pts, rgb in geo.decals:
@@ -774,9 +822,9 @@ def render_view(car: Car, angle: float, rng: np.random.Generator) -> tuple[np.nd
             _fill(img, mask, cam.project(pts)[0], col)
     thick = max(1, int(round(car.focal / car.cam_dist * 0.006)))
     seam_rgb = tuple(float(c) for c in car.paint * 255 * 0.45)
-    for side, pts in geo.seams:
+    for side, pts, weight in geo.seams:
         if near[side]:
-            cv2.polylines(img, [_to_px(cam.project(pts)[0])], False, seam_rgb, thick, cv2.LINE_AA, _SHIFT)
+            cv2.polylines(img, [_to_px(cam.project(pts)[0])], False, seam_rgb, thick * weight, cv2.LINE_AA, _SHIFT)
 
     # Greenhouse, glass and mirrors (the far mirror hides behind the greenhouse).
     for side, q, n in geo.mirrors:
@@ -795,10 +843,9 @@ def render_view(car: Car, angle: float, rng: np.random.Generator) -> tuple[np.nd
 
     # Camera: a little optical blur (soft edges) and sensor noise.
     img = cv2.GaussianBlur(img, (3, 3), 0.75)
-    k = car.noise
-    noise = rng.integers(0, 2 * k + 1, (IMAGE_H // 2, IMAGE_W // 2 + 1, 3), dtype=np.uint8)
-    noise = cv2.resize(noise, (IMAGE_W, IMAGE_H), interpolation=cv2.INTER_NEAREST)
-    img = cv2.subtract(cv2.add(img, noise), np.full(3, float(k)).tolist() + [0.0])
+    dy, dx = rng.integers(0, _NOISE_PAD, 2)
+    img = cv2.add(img, car.noise_tile[dy:dy + IMAGE_H, dx:dx + IMAGE_W])
+    img = cv2.subtract(img, (float(car.noise),) * 3 + (0.0,))
     return img, mask
 
 

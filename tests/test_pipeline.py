@@ -1,0 +1,174 @@
+"""grain pipelines: determinism, batch layout across processes, micro-steps and workers, resuming."""
+import numpy as np
+import pytest
+
+from carvana_jax.data import augment, kaggle, pipeline
+from configs import demo
+
+
+@pytest.fixture(scope="module")
+def records(kaggle_dir):
+    return kaggle.index_train(kaggle_dir)
+
+
+def small_config(kaggle_dir, **overrides):
+    config = demo.get_config()
+    config.data_dir = kaggle_dir
+    config.image_size = (64, 96)
+    config.batch_size = 4
+    config.num_workers = 0
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def take(ds, n):
+    it = iter(ds)
+    try:
+        return [next(it) for _ in range(n)]
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def concat(batches, key):
+    return np.concatenate([b[key] for b in batches])
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert sorted(x) == sorted(y)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_batch_shapes_and_dtypes(kaggle_dir, records):
+    config = small_config(kaggle_dir, image_size=(48, 80), batch_size=3)
+    for batch in take(pipeline.train_dataset(records, config), 2):
+        assert sorted(batch) == ["image", "mask"]
+        assert batch["image"].shape == (3, 48, 80, 3) and batch["image"].dtype == np.uint8
+        assert batch["mask"].shape == (3, 48, 80) and batch["mask"].dtype == np.uint8
+        assert set(np.unique(batch["mask"]).tolist()) <= {0, 1} and batch["mask"].any()
+
+
+def test_same_seed_same_batches_different_seed_different(kaggle_dir, records):
+    first = take(pipeline.train_dataset(records, small_config(kaggle_dir, seed=7)), 3)
+    again = take(pipeline.train_dataset(records, small_config(kaggle_dir, seed=7)), 3)
+    assert_same_batches(first, again)
+    other = take(pipeline.train_dataset(records, small_config(kaggle_dir, seed=8)), 3)
+    for key in ("image", "mask"):
+        assert not np.array_equal(concat(first, key), concat(other, key))
+    # Within one stream the batches differ, too.
+    assert not np.array_equal(first[0]["image"], first[1]["image"])
+
+
+def test_augmentation_is_applied_and_seeded(kaggle_dir, records):
+    """With augmentation off every draw is a photo exactly as load_pair gives it; with it on, not."""
+    config = small_config(kaggle_dir)
+    config.augment.enabled = False
+    plain = {r.name: augment.load_pair(r.image_path, r.mask_path, (64, 96)) for r in records}
+    batches = take(pipeline.train_dataset(records, config), 24)  # 96 draws: two epochs of 48
+
+    def which(image):
+        found = [name for name, (photo, _) in plain.items() if np.array_equal(photo, image)]
+        assert len(found) == 1
+        return found[0]
+
+    drawn = [which(image) for b in batches for image in b["image"]]
+    for step, b in enumerate(batches):
+        for mask, name in zip(b["mask"], drawn[4 * step:4 * step + 4]):
+            np.testing.assert_array_equal(mask, plain[name][1])
+    epoch1, epoch2 = drawn[:48], drawn[48:]
+    assert sorted(epoch1) == sorted(epoch2) == sorted(plain)  # each epoch sees each photo once
+    assert epoch1 != epoch2  # reshuffled each epoch
+    assert epoch1 != sorted(epoch1)  # and shuffled at all
+
+    config.augment.enabled = True
+    augmented = take(pipeline.train_dataset(records, config), 3)
+    assert not any(np.array_equal(photo, image) for b in augmented for image in b["image"]
+                   for photo, _ in plain.values())
+
+
+def test_process_slices_concatenate_to_the_global_batch(kaggle_dir, records):
+    config = small_config(kaggle_dir, batch_size=4)
+    single = take(pipeline.train_dataset(records, config), 3)
+    shares = [take(pipeline.train_dataset(records, config, process_index, 2), 3) for process_index in (0, 1)]
+    for step, batch in enumerate(single):
+        for key in ("image", "mask"):
+            assert shares[0][step][key].shape[0] == 2
+            joined = np.concatenate([shares[0][step][key], shares[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+    with pytest.raises(ValueError, match="divisible"):
+        pipeline.train_dataset(records, small_config(kaggle_dir, batch_size=5), 0, 2)
+
+
+def test_micro_batches_are_consecutive_halves(kaggle_dir, records):
+    full = take(pipeline.train_dataset(records, small_config(kaggle_dir, batch_size=4)), 3)
+    halves = take(pipeline.train_dataset(records, small_config(kaggle_dir, batch_size=2)), 6)
+    for step, batch in enumerate(full):
+        for key in ("image", "mask"):
+            np.testing.assert_array_equal(halves[2 * step][key], batch[key][:2])
+            np.testing.assert_array_equal(halves[2 * step + 1][key], batch[key][2:])
+
+
+# Each worker process costs a couple of seconds to start on a small machine: one of each kind of
+# test runs in the quick suite, the multi-worker variants are marked slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("num_workers", [1, pytest.param(2, marks=SLOW)])
+def test_worker_processes_give_the_same_batches(kaggle_dir, records, num_workers):
+    """Workers must not change which elements make a batch (nor their order)."""
+    in_process = take(pipeline.train_dataset(records, small_config(kaggle_dir)), 3)
+    workers = take(pipeline.train_dataset(records, small_config(kaggle_dir, num_workers=num_workers)), 3)
+    assert_same_batches(in_process, workers)
+    # Also this process's share of a two-process run.
+    in_process = take(pipeline.train_dataset(records, small_config(kaggle_dir), 1, 2), 2)
+    workers = take(pipeline.train_dataset(records, small_config(kaggle_dir, num_workers=num_workers), 1, 2), 2)
+    assert_same_batches(in_process, workers)
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=SLOW), pytest.param(2, marks=SLOW)])
+def test_iterator_state_resumes_at_the_same_batch(kaggle_dir, records, num_workers):
+    config = small_config(kaggle_dir, num_workers=num_workers)
+    reference = take(pipeline.train_dataset(records, config), 5)
+    it = iter(pipeline.train_dataset(records, config))
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    next(it)  # moves on; the state taken before must not
+    resumed = iter(pipeline.train_dataset(records, config))
+    resumed.set_state(state)
+    assert_same_batches([next(resumed) for _ in range(3)], reference[2:5])
+    for i in (it, resumed):
+        if hasattr(i, "close"):
+            i.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=SLOW)])
+def test_eval_dataset_yields_every_record_once_in_order(kaggle_dir, records, num_workers):
+    subset = records[:11]
+    config = small_config(kaggle_dir)
+    batches = list(pipeline.eval_dataset(subset, config, batch_size=4, num_workers=num_workers))
+    assert [len(b["index"]) for b in batches] == [4, 4, 3]  # the last batch is kept, not dropped
+    assert concat(batches, "index").tolist() == list(range(11))
+    images, masks = concat(batches, "image"), concat(batches, "mask_full")
+    assert images.shape == (11, 64, 96, 3) and images.dtype == np.uint8
+    assert masks.shape == (11, 1280, 1918) and masks.dtype == np.uint8
+    for i, r in enumerate(subset):
+        photo, _ = augment.load_pair(r.image_path, None, (64, 96))
+        np.testing.assert_array_equal(images[i], photo)  # no augmentation in evaluation
+        np.testing.assert_array_equal(masks[i], augment.decode_mask(r.mask_path))
+
+
+def test_eval_dataset_without_masks(kaggle_dir):
+    test_records = kaggle.index_test(kaggle_dir)[:5]
+    batches = list(pipeline.eval_dataset(test_records, small_config(kaggle_dir), batch_size=2, num_workers=0))
+    assert all("mask_full" not in b for b in batches)
+    assert concat(batches, "index").tolist() == list(range(5))
+
+
+def test_no_records_is_a_clear_error(kaggle_dir):
+    with pytest.raises(kaggle.DataError, match="no training images"):
+        pipeline.train_dataset([], small_config(kaggle_dir))
