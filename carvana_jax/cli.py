@@ -40,9 +40,19 @@ def friendly_errors():
         sys.exit(1)
 
 
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """Keep compiled XLA programs on disk, so training, evaluation and reruns compile each once."""
+    import jax
+    directory = directory or os.environ.get("CARVANA_JAX_CACHE",
+                                            os.path.join(os.path.expanduser("~"), ".cache", "carvana_jax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(main, needs_config: bool = False) -> None:
     """absl.app.run (grain's worker processes read absl flags), quieter logs, config flags if asked."""
     if needs_config:
         define_config_flags()
     logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache()
     app.run(main)

@@ -4,8 +4,16 @@ import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
+
+from carvana_jax import cli  # noqa: E402
+
+# Many tests build the same small programs; a persistent cache compiles each once per session.
+cli.enable_compilation_cache(tempfile.mkdtemp(prefix="carvana_jax_xla_"))
 
 # grain's worker processes read absl flags; the CLIs parse them in absl.app.run, tests here.
 if not flags.FLAGS.is_parsed():

@@ -199,13 +199,26 @@ def test_zipped_layout(kaggle_dir, tmp_path, prefix):
     for r in records:
         assert r.image_path == os.path.join(str(data), "train", f"{r.name}.jpg")
         assert os.path.isfile(r.image_path) and os.path.isfile(r.mask_path)
-    with open(records[7].image_path, "rb") as a, open(os.path.join(kaggle_dir, "train", f"{records[7].name}.jpg"), "rb") as b:
+    original = os.path.join(kaggle_dir, "train", f"{records[7].name}.jpg")
+    with open(records[7].image_path, "rb") as a, open(original, "rb") as b:
         assert a.read() == b.read()
     assert sorted(os.listdir(data)) == ["metadata.csv", "sample_submission.csv", "train", "train.zip",
                                         "train_masks", "train_masks.csv", "train_masks.zip"]
     assert sorted(os.listdir(data / "train")) == sorted(os.listdir(os.path.join(kaggle_dir, "train")))
     # A second index reuses the extracted folders.
     assert kaggle.index_train(str(data)) == records
+
+
+def test_zipped_test_set_and_csv(kaggle_dir, tmp_path):
+    data = tmp_path / "zipped"
+    data.mkdir()
+    zip_folder(kaggle_dir, "test", str(data / "test.zip"))
+    with zipfile.ZipFile(data / "sample_submission.csv.zip", "w") as zf:  # Kaggle zips the CSVs, too
+        zf.write(os.path.join(kaggle_dir, "sample_submission.csv"), "sample_submission.csv")
+    records = kaggle.index_test(str(data))
+    assert [r.name for r in records] == [r.name for r in kaggle.index_test(kaggle_dir)]
+    assert all(os.path.isfile(r.image_path) for r in records)
+    assert (data / "sample_submission.csv").is_file()
 
 
 def test_unreadable_zip(kaggle_dir, tmp_path):
