@@ -33,8 +33,14 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
 
 
 def data_parallel(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
-    """jit(shard_map(step)): state replicated, batch split along its first axis, outputs replicated."""
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+    """jit(shard_map(step)): state replicated, batch split along its first axis, outputs replicated.
+
+    check_vma=False gives pmap's semantics, which the pmap-style step relies on: each device's
+    gradient is local until its explicit lax.pmean. With varying-axis checks on, the gradient with
+    respect to replicated parameters comes back already summed over devices, and the pmean would
+    leave it N times too large (measured: 4 devices trained 4× faster than 1 under SGD).
+    """
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
 
