@@ -11,6 +11,7 @@ import os
 
 import jax
 import ml_collections
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -25,6 +26,11 @@ def checkpoint_dir(path: str) -> str:
     """The checkpoints folder of a workdir, or the path itself if it already is one."""
     nested = os.path.join(path, "checkpoints")
     return os.path.abspath(nested if os.path.isdir(nested) else path)
+
+
+def _leaf_name(path) -> str:
+    """'params/down0/Conv_0/kernel' for a tree path, whether its keys are dict keys or attributes."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 class Checkpointer:
@@ -58,8 +64,25 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read the checkpoint's config ({e})") from e
 
+    def check_shapes(self, step: int, target_state) -> None:
+        """Raise CheckpointError naming the first array whose stored shape differs from the model's."""
+        path = epath.Path(self.directory) / str(step) / "state"
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
+        stored_shapes = {_leaf_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+        for key, leaf in jax.tree_util.tree_leaves_with_path(target_state):
+            name = _leaf_name(key)
+            if name not in stored_shapes:
+                raise CheckpointError(f"checkpoint {path.parent} has no {name}: it is of a different model")
+            if stored_shapes[name] != tuple(leaf.shape):
+                raise CheckpointError(f"checkpoint {path.parent} does not fit this model: {name} is "
+                                      f"{stored_shapes[name]} there but {tuple(leaf.shape)} here")
+
     def restore(self, step: int, target_state, with_data: bool = True):
         """(state, data_state) of ``step``, placed like ``target_state``; data_state None if absent."""
+        self.check_shapes(step, target_state)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         items = {"state": ocp.args.StandardRestore(abstract)}
         if with_data and os.path.isdir(os.path.join(self.directory, str(step), "data")):
