@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -55,4 +56,17 @@ def run(main, needs_config: bool = False) -> None:
         define_config_flags()
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag or config override reported as one line rather than a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' override errors
+        words = re.sub(r"\\n|\\'|[\\'\"]", " ", str(e)).split()
+        message = "bad --config override: " + " ".join(words)
+    print(f"error: {message}\nRun with --help for the flags.", file=sys.stderr)
+    sys.exit(2)

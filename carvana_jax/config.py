@@ -9,7 +9,10 @@ class ConfigError(ValueError):
 
 
 def validate_config(config) -> None:
-    h, w = config.image_size
+    size = tuple(config.image_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ConfigError(f"image_size must be two positive integers (H, W), got {config.image_size!r}")
+    h, w = size
     step = 2 ** config.model.depth
     if h % step or w % step:
         raise ConfigError(f"image_size {h}x{w} must be divisible by 2**model.depth = {step}")
