@@ -16,8 +16,11 @@ setup() {
   [[ -f "$stamp" ]] && return
   echo "setting up $VENV (extras: $extras) ..."
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -e ".[$extras]"
+  if ! { "$PY" -m pip install --upgrade pip && "$PY" -m pip install -e ".[$extras]"; } >"$VENV/install.log" 2>&1; then
+    tail -n 20 "$VENV/install.log"
+    echo "error: installing into $VENV failed; the full log is $VENV/install.log" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 }

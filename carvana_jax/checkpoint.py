@@ -41,8 +41,8 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=preserve, read_only=read_only,
                                                create=not read_only, enable_async_checkpointing=True)
-        self.directory = directory
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        self.directory = os.path.abspath(directory)  # orbax's async writer refuses relative paths
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -102,7 +102,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
     images_per_update = config.batch_size * accum
     bar = tqdm(total=total, initial=update, unit="step", desc="train", disable=not progress or jax.process_index())
     last = {}
-    start_time, start_update = time.perf_counter(), update
+    window_time, window_update = time.perf_counter(), update  # images/s over the last log window
     try:
         while update < end:
             pending = []
@@ -117,7 +117,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
             if not (due_log or due_eval or due_ckpt):
                 continue
             last = _host_metrics(pending)  # also the NaN guard before anything is saved
-            rate = (update - start_update) * images_per_update / (time.perf_counter() - start_time)
+            now = time.perf_counter()
+            rate = (update - window_update) * images_per_update / (now - window_time)
             last["images_per_sec"] = rate
             bar.set_postfix(loss=f"{last['loss']:.4f}", dice=f"{last['dice']:.4f}", img_s=f"{rate:.1f}")
             bar.update(update - bar.n)
@@ -128,6 +129,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
                 ckpt_metrics = {"val_dice": last["val_dice"]}
                 bar.write(f"update {update}: val Dice {last['val_dice']:.5f} at 1918x1280 over {len(scores)} images")
             _log(metrics_path, last)
+            window_time, window_update = time.perf_counter(), update  # evaluation and saving are not training
             if due_ckpt or due_eval:
                 ckpt.save(update, state, data_state, config, ckpt_metrics)
             if due_eval and jax.process_index() == 0:

@@ -1,0 +1,236 @@
+"""Benchmarks, one subcommand each (results and how to reproduce them: BENCHMARKS.md).
+
+    python -m carvana_jax.bench train --config configs/demo.py [--config.key=value ...]
+                                      [--steps 30] [--warmup 3] [--json] [--torch]
+
+``train`` times the real data-parallel train step (steps.train_step under parallel.data_parallel, over all
+local devices) on random uint8 batches of the config's global batch_size and image_size that are already on
+the devices, so it measures the model, loss and optimiser, not the input pipeline. Compilation is timed on
+its own; then ``--warmup`` steps run untimed and ``--steps`` timed ones, each waited for with
+jax.block_until_ready. With ``--torch`` the same U-Net in PyTorch eager (bench_torch.py) runs on the same
+CPU in the same process, one torch step after each JAX step, so both see the same machine load.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+from absl import flags
+
+from carvana_jax import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when it runs, so importing this module, e.g. for unet_flops, adds none)."""
+    flags.DEFINE_integer("steps", 30, "Timed steps.")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    flags.DEFINE_bool("torch", False, "Also time the same U-Net in PyTorch eager on the CPU, side by side.")
+    flags.DEFINE_bool("xla_cache", False,
+                      "Use the persistent XLA compilation cache (then 'compile' may time a cache load).")
+
+TORCH_INSTALL = "pip install torch==2.13.0  (the CPU wheel; or pip install -e '.[bench]')"
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+def _conv_flops(k: int, cin: int, cout: int, h: int, w: int) -> int:
+    """Multiply-adds × 2 of a stride-1 'SAME' k×k convolution (bias and padding ignored)."""
+    return 2 * k * k * cin * cout * h * w
+
+
+def _block_flops(model_cfg, cin: int, cout: int, h: int, w: int) -> int:
+    if model_cfg.block == "double_conv":
+        return _conv_flops(3, cin, cout, h, w) + _conv_flops(3, cout, cout, h, w)
+    if model_cfg.block == "dense":
+        growth, flops = max(cout // 2, 4), 0
+        for _ in range(model_cfg.dense_layers):
+            flops += _conv_flops(3, cin, growth, h, w)
+            cin += growth
+        return flops + _conv_flops(1, cin, cout, h, w)
+    raise ValueError(f"model.block must be 'double_conv' or 'dense', got {model_cfg.block!r}")
+
+
+def unet_flops(model_cfg, image_size) -> int:
+    """Forward FLOPs of one image through models/unet.UNet, counted from its shapes: 2·k·k·Cin·Cout·H·W for
+    every convolution (the 1×1 head and the dense blocks' 1×1 convs included); pooling, norms, activations
+    and up-sampling are left out (a few percent)."""
+    h, w = image_size
+    f, depth = model_cfg.features, model_cfg.depth
+    widths = [f * 2**level for level in range(depth + 1)]
+    flops, cin = 0, 3
+    for level in range(depth):
+        flops += _block_flops(model_cfg, cin, widths[level], h >> level, w >> level)
+        cin = widths[level]
+    flops += _block_flops(model_cfg, cin, widths[depth], h >> depth, w >> depth)
+    for level in reversed(range(depth)):
+        flops += _block_flops(model_cfg, widths[level + 1] + widths[level], widths[level], h >> level, w >> level)
+    return flops + _conv_flops(1, widths[0], 1, h, w)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def _random_batch(config, seed: int = 0) -> dict:
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    h, w = config.image_size
+    return {"image": rng.integers(0, 256, (config.batch_size, h, w, 3), dtype=np.uint8),
+            "mask": rng.integers(0, 2, (config.batch_size, h, w), dtype=np.uint8)}
+
+
+def _summary(times: list[float], batch_size: int, flops_per_image: int) -> dict:
+    images_per_sec = batch_size * len(times) / sum(times)
+    return {"images_per_sec": images_per_sec,
+            "ms_per_step_median": 1e3 * statistics.median(times),
+            "ms_per_step_mean": 1e3 * statistics.fmean(times),
+            "gflops_per_sec": 3 * flops_per_image * images_per_sec / 1e9}
+
+
+def _timed(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
+    import jax
+    import numpy as np
+
+    from carvana_jax import losses, optim, parallel, steps as steps_lib
+    from carvana_jax.config import validate_config
+    from carvana_jax.models import unet
+    from carvana_jax.train_state import create_train_state
+
+    validate_config(config)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_divides(config.batch_size, mesh)
+    image_size = tuple(config.image_size)
+    model = unet.from_config(config.model)
+    state = create_train_state(jax.random.PRNGKey(config.seed), model, optim.create_optimizer(config), image_size)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    state = parallel.replicate(state, mesh)
+    host_batch = _random_batch(config, config.seed)
+    batch = parallel.shard_batch(host_batch, mesh)  # one process: its share is the whole batch
+    step_fn = parallel.data_parallel(functools.partial(
+        steps_lib.train_step, loss_fn=losses.get(config.loss), schedule=optim.learning_rate_schedule(config)), mesh)
+
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+    def jax_step():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+
+    torch_step = None
+    if with_torch:
+        from carvana_jax import bench_torch
+        threads = bench_torch.set_threads()
+        trainer = bench_torch.TrainStep(config, seed=config.seed)
+        torch_params = bench_torch.param_count(trainer.model)
+        if torch_params != params:
+            raise AssertionError(f"the torch U-Net has {torch_params} parameters, the Flax one {params}")
+        images, masks = trainer.prepare(host_batch)
+
+        def torch_step():
+            trainer(images, masks)
+
+    for _ in range(warmup):
+        jax_step()
+        if torch_step:
+            torch_step()
+    jax_times, torch_times = [], []
+    for _ in range(steps):  # alternate, so both frameworks see the same machine load
+        jax_times.append(_timed(jax_step))
+        if torch_step:
+            torch_times.append(_timed(torch_step))
+
+    devices = mesh.devices.flatten()
+    flops = unet_flops(config.model, image_size)
+    result = {
+        "benchmark": "train",
+        "config": FLAGS["config"].config_filename if "config" in FLAGS else None,
+        "image_size": list(image_size), "batch_size": config.batch_size,
+        "model": {k: config.model[k] for k in ("features", "depth", "norm", "block", "dense_layers", "dtype")},
+        "device_kind": devices[0].device_kind, "device_count": len(devices), "platform": devices[0].platform,
+        "param_count": params, "forward_gflop_per_image": flops / 1e9,
+        "steps": steps, "warmup": warmup, "compile_s": compile_s,
+        "jax_version": jax.__version__,
+        **_summary(jax_times, config.batch_size, flops),
+    }
+    if with_torch:
+        import torch
+        t = _summary(torch_times, config.batch_size, flops)
+        result.update({f"torch_{k}": v for k, v in t.items()})
+        result.update({"torch_version": torch.__version__, "torch_threads": threads, "torch_param_count": torch_params,
+                       "jax_over_torch": result["images_per_sec"] / t["images_per_sec"]})
+    return result
+
+
+def print_train_table(r: dict) -> None:
+    model = r["model"]
+    print(f"train step: {r['config']}  batch {r['batch_size']} of {r['image_size'][0]}x{r['image_size'][1]}  "
+          f"U-Net {model['block']} width {model['features']} depth {model['depth']} {model['dtype']}")
+    print(f"devices: {r['device_count']} x {r['device_kind']} ({r['platform']})   parameters: {r['param_count']:,}"
+          + (f" (torch: {r['torch_param_count']:,}, equal)" if "torch_param_count" in r else ""))
+    print(f"forward: {r['forward_gflop_per_image']:.3f} GFLOP/image (train counted as 3x)   "
+          f"compile: {r['compile_s']:.1f} s   timed steps: {r['steps']} after {r['warmup']} warm-up")
+    rows = [("JAX " + r["jax_version"], "")]
+    if "torch_images_per_sec" in r:
+        rows.append((f"torch {r['torch_version']} eager ({r['torch_threads']} threads)", "torch_"))
+    print(f"{'':34s} {'images/s':>9s} {'ms/step median':>15s} {'ms/step mean':>13s} {'GFLOP/s':>8s}")
+    for name, p in rows:
+        print(f"{name:34s} {r[p + 'images_per_sec']:9.2f} {r[p + 'ms_per_step_median']:15.1f} "
+              f"{r[p + 'ms_per_step_mean']:13.1f} {r[p + 'gflops_per_sec']:8.2f}")
+    if "jax_over_torch" in r:
+        print(f"JAX / torch (images/s, same run, steps alternated): {r['jax_over_torch']:.2f}x")
+
+
+def cmd_train(argv: list[str]) -> None:
+    import jax
+    if argv:
+        print(f"error: unexpected arguments after 'train': {' '.join(argv)}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print(f"error: --torch needs PyTorch, which is not installed; install it with: {TORCH_INSTALL}",
+                  file=sys.stderr)
+            sys.exit(1)
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        print("error: --steps must be ≥ 1 and --warmup ≥ 0", file=sys.stderr)
+        sys.exit(2)
+    if not FLAGS.xla_cache:
+        jax.config.update("jax_enable_compilation_cache", False)  # time a real compile, not a cache load
+    with cli.friendly_errors():
+        result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch)
+    if FLAGS.json:
+        print(json.dumps(result))
+    else:
+        print_train_table(result)
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        got = f"got {argv[1]!r}" if len(argv) > 1 else "none given"
+        print(f"error: the first argument must be a benchmark, one of: {', '.join(COMMANDS)} ({got})\n"
+              "usage: python -m carvana_jax.bench train --config configs/demo.py [--steps N] [--warmup N] "
+              "[--json] [--torch]", file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[argv[1]](argv[2:])
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, needs_config=True)

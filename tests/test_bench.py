@@ -1,0 +1,123 @@
+"""carvana_jax.bench: the FLOP count against XLA's, the torch twin's size, and the command itself."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from carvana_jax.bench import unet_flops
+from carvana_jax.models import unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model_cfg(**overrides):
+    from configs import default
+    cfg = default.get_config().model
+    cfg.unlock()
+    cfg.update(overrides)
+    return cfg
+
+
+def _xla_forward_flops(model_cfg, image_size):
+    """XLA's own count for one image's forward pass (inference mode), from the compiled program."""
+    model = unet.from_config(model_cfg)
+    x = jnp.zeros((1, *image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per program
+        analysis = analysis[0]
+    return analysis["flops"]
+
+
+@pytest.mark.parametrize("overrides, image_size", [
+    (dict(features=8, depth=3), (64, 96)),
+    (dict(features=4, depth=4, norm="none"), (64, 64)),
+    (dict(features=8, depth=2, block="dense", dense_layers=3), (32, 48)),
+])
+def test_unet_flops_matches_xla_cost_analysis(overrides, image_size):
+    cfg = _model_cfg(**overrides)
+    ours, xla = unet_flops(cfg, image_size), _xla_forward_flops(cfg, image_size)
+    assert abs(ours - xla) / xla < 0.10, (ours, xla)
+
+
+def test_unet_flops_by_hand():
+    """Depth 1, width 2, 4×4 image: every convolution written out."""
+    cfg = _model_cfg(features=2, depth=1)
+    hw, q = 16, 4  # pixels at full and half resolution
+    expected = 2 * 9 * (3 * 2 + 2 * 2) * hw  # down0
+    expected += 2 * 9 * (2 * 4 + 4 * 4) * q  # centre
+    expected += 2 * 9 * (6 * 2 + 2 * 2) * hw  # up0 (4 up-sampled + 2 skip channels in)
+    expected += 2 * 2 * hw  # 1×1 head
+    assert unet_flops(cfg, (4, 4)) == expected
+
+
+def _flax_param_count(model_cfg, image_size=(32, 32)):
+    model = unet.from_config(model_cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_size, 3)), train=False))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(features=8, depth=4),
+    dict(features=32, depth=4),
+    dict(features=4, depth=3, norm="none"),
+    dict(features=8, depth=2, block="dense", dense_layers=3),
+])
+def test_torch_unet_has_the_flax_parameter_count(overrides):
+    pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0); "
+                                        "only this parameter-count check is skipped")
+    from carvana_jax import bench_torch
+    cfg = _model_cfg(**overrides)
+    assert bench_torch.param_count(bench_torch.from_config(cfg)) == _flax_param_count(cfg)
+
+
+def test_torch_train_step_runs_and_keeps_shapes():
+    torch = pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
+    from carvana_jax import bench_torch
+    from configs import demo
+    config = demo.get_config()
+    config.model.features, config.model.depth = 4, 2
+    step = bench_torch.TrainStep(config)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (2, 16, 24, 3), dtype=np.uint8),
+             "mask": rng.integers(0, 2, (2, 16, 24), dtype=np.uint8)}
+    loss = step(*step.prepare(batch))
+    assert np.isfinite(loss) and loss > 0
+    assert step.model(torch.zeros(2, 3, 16, 24)).shape == (2, 16, 24)
+
+
+def _run(*args, env_extra=None, timeout=300):
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "carvana_jax.bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_benchmark_is_one_line_error():
+    proc = _run("nonsense")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train" in proc.stderr and "nonsense" in proc.stderr
+
+
+def test_torch_flag_without_torch_says_how_to_install(tmp_path):
+    (tmp_path / "torch.py").write_text("raise ImportError('torch hidden by the test')\n")
+    proc = _run("train", "--torch", env_extra={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pip install torch==2.13.0" in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_train_benchmark_prints_json():
+    proc = _run("train", "--config", "configs/demo.py", "--config.model.features=4", "--config.image_size=(32,48)",
+                "--steps", "2", "--warmup", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images_per_sec"] > 0 and result["ms_per_step_median"] > 0
+    assert result["device_count"] == 2 and result["batch_size"] == 8
+    assert result["param_count"] > 0 and result["forward_gflop_per_image"] > 0
