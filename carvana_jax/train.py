@@ -137,6 +137,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
                 _plot_validation(state, val_records, config, mesh, os.path.join(plot_dir, "overlays.png"))
     finally:
         bar.close()
+        data_iter.close()  # stops grain's workers and frees their shared memory
         ckpt.wait()
         ckpt.close()
     if jax.process_index() == 0 and os.path.exists(metrics_path):

@@ -37,7 +37,7 @@ def _xla_forward_flops(model_cfg, image_size):
 
 @pytest.mark.parametrize("overrides, image_size", [
     (dict(features=8, depth=3), (64, 96)),
-    (dict(features=4, depth=4, norm="none"), (64, 64)),
+    (dict(features=4, depth=4, norm="none"), (96, 128)),
     (dict(features=8, depth=2, block="dense", dense_layers=3), (32, 48)),
 ])
 def test_unet_flops_matches_xla_cost_analysis(overrides, image_size):

@@ -48,3 +48,16 @@ def test_every_command_has_help():
         proc = _run(module, "--help")
         assert proc.returncode == 0 and ("--config" in proc.stdout or "--ckpt" in proc.stdout
                                          or "--out" in proc.stdout), module
+
+
+@pytest.mark.slow
+def test_a_truncated_photo_read_by_a_worker_process_is_named(kaggle_dir, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(kaggle_dir, data)
+    victim = sorted((data / "train").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:20_000])
+    proc = _run("carvana_jax.train", "--config", "configs/demo.py", f"--workdir={tmp_path}/w", f"--config.data_dir={data}",
+                "--config.num_workers=1", "--config.val_fraction=0", "--config.image_size=(64,96)",
+                "--config.model.features=4", "--config.batch_size=16", "--config.num_train_steps=4")
+    _one_line_error(proc, str(victim), "truncated")
