@@ -51,9 +51,12 @@ def enable_compilation_cache(directory: str | None = None) -> None:
 
 
 def run(main, needs_config: bool = False) -> None:
-    """absl.app.run (grain's worker processes read absl flags), quieter logs, config flags if asked."""
+    """absl.app.run (grain's worker processes read absl flags), quieter logs, config flags if asked
+    (made key flags of the main module, so that --help lists them)."""
     if needs_config:
         define_config_flags()
+        for name in ("config", "workdir"):
+            FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])  # absl's name for the main module
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
     app.run(main, flags_parser=_parse_flags)
@@ -63,6 +66,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a bad flag or config override reported as one line rather than a traceback."""
     try:
         return FLAGS(argv)
+    except SystemExit:  # absl's --help prints the usage and exits 1; asking for help is no failure
+        if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         message = str(e)
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' override errors
