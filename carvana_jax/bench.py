@@ -163,6 +163,7 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
         "param_count": params, "forward_gflop_per_image": flops / 1e9,
         "steps": steps, "warmup": warmup, "compile_s": compile_s,
         "jax_version": jax.__version__,
+        "peak_memory_gb": ((devices[0].memory_stats() or {}).get("peak_bytes_in_use", 0)) / 1e9,  # 0: not reported
         **_summary(jax_times, config.batch_size, flops),
     }
     if with_torch:

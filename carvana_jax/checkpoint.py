@@ -11,6 +11,7 @@ import os
 
 import jax
 import ml_collections
+from absl import logging as absl_logging
 from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -39,10 +40,16 @@ class Checkpointer:
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=lambda m: m["val_dice"], n=1, keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=preserve, read_only=read_only,
-                                               create=not read_only, enable_async_checkpointing=True)
         self.directory = os.path.abspath(directory)  # orbax's async writer refuses relative paths
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        verbosity = absl_logging.get_verbosity()
+        if read_only:  # orbax warns that a read-only manager will not save, which is the point
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(preservation_policy=preserve, read_only=read_only,
+                                                   create=not read_only, enable_async_checkpointing=True)
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logging.set_verbosity(verbosity)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -58,6 +58,9 @@ def run(main, needs_config: bool = False) -> None:
         for name in ("config", "workdir"):
             FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])  # absl's name for the main module
     logging.set_verbosity(logging.WARNING)
+    # grain's workers leave a few prefetched elements in shared memory at shutdown; multiprocessing's
+    # resource tracker (a child process, hence the environment variable) frees them and need not warn.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     enable_compilation_cache()
     app.run(main, flags_parser=_parse_flags)
 

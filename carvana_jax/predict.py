@@ -14,10 +14,14 @@ from carvana_jax.data.kaggle import Record
 
 def _device_batches(records, config, mesh, batch_size, num_workers=None):
     """(device batch padded to the mesh, number of real rows, their record indices) in record order."""
-    for batch in pipeline.eval_dataset(records, config, batch_size, num_workers):
-        indices = batch.pop("index")
-        padded, n = parallel.pad_to_multiple(batch, mesh.devices.size)
-        yield parallel.shard_batch(padded, mesh), n, indices
+    batches = iter(pipeline.eval_dataset(records, config, batch_size, num_workers))
+    try:
+        for batch in batches:
+            indices = batch.pop("index")
+            padded, n = parallel.pad_to_multiple(batch, mesh.devices.size)
+            yield parallel.shard_batch(padded, mesh), n, indices
+    finally:
+        batches.close()  # stops grain's workers even when the caller stops early
 
 
 def val_dice(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False,
