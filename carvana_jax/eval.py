@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 
 import jax
@@ -53,10 +52,7 @@ def load_checkpoint(path: str, step: int | None = None, mesh=None):
     mesh = mesh or parallel.make_mesh()
     state, _ = ckpt.restore(step, parallel.replicate(target, mesh), with_data=False)
     ckpt.close()
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    return config, variables, model.apply, step
+    return config, state.variables, model.apply, step
 
 
 def write_submission(records_and_masks, total: int, out_path: str) -> int:
@@ -117,4 +113,3 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from carvana_jax import cli
     cli.run(main)
-    sys.exit(0)

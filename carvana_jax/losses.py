@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 SMOOTH = 1.0  # keeps soft Dice/Jaccard defined (and 1) on empty masks

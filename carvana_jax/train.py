@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -53,17 +52,14 @@ def _plot_validation(state, val_records, config, mesh, out_path: str) -> None:
     if not records:
         return
     batch = next(iter(pipeline.eval_dataset(records, config, len(records), num_workers=0)))
-    preds = predict.model_size_predictions(_variables(state), state.apply_fn, batch["image"], mesh, config.threshold)
+    preds = predict.model_size_predictions(state.variables, state.apply_fn, batch["image"], mesh, config.threshold)
     size = (config.image_size[1], config.image_size[0])
     truths = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in batch["mask_full"]]
     plots.plot_overlays(batch["image"], truths, preds, out_path, titles=[r.name for r in records])
 
 
-def _variables(state):
-    return {"params": state.params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": state.params}
-
-
-def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | None = None, progress: bool = True) -> dict:
+def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | None = None,
+                       progress: bool = True) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
 
     ``stop_after`` ends the run after that many optimiser updates, as a pre-emption would.
@@ -124,7 +120,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
             bar.update(update - bar.n)
             ckpt_metrics = None
             if due_eval:
-                scores = predict.val_dice(_variables(state), state.apply_fn, val_records, config, mesh)
+                scores = predict.val_dice(state.variables, state.apply_fn, val_records, config, mesh)
                 last["val_dice"] = float(np.nanmean(scores))
                 ckpt_metrics = {"val_dice": last["val_dice"]}
                 bar.write(f"update {update}: val Dice {last['val_dice']:.5f} at 1918x1280 over {len(scores)} images")
@@ -153,7 +149,7 @@ def main(argv) -> None:
     with cli.friendly_errors():
         result = train_and_evaluate(config, workdir)
     summary = {k: v for k, v in result.items() if k != "state"}
-    print(f"trained: {json.dumps(summary)}\nworkdir: {workdir}", file=sys.stdout)
+    print(f"trained: {json.dumps(summary)}\nworkdir: {workdir}")
 
 
 if __name__ == "__main__":

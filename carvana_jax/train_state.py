@@ -14,6 +14,11 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
 
     @property
+    def variables(self) -> dict:
+        """What the model's apply takes: parameters, and BatchNorm statistics when it has them."""
+        return {"params": self.params, "batch_stats": self.batch_stats} if self.batch_stats else {"params": self.params}
+
+    @property
     def update_step(self):
         """Optimiser updates so far (micro-steps / grad_accum_steps)."""
         return self.opt_state.gradient_step

@@ -6,7 +6,6 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
