@@ -2,6 +2,8 @@
 
     python -m carvana_jax.bench train --config configs/demo.py [--config.key=value ...]
                                       [--steps 30] [--warmup 3] [--json] [--torch]
+    python -m carvana_jax.bench pipeline --data_dir D --image_size 768,768 --num_workers N --batches K
+                                      [--batch_size B] [--json] [--dump FILE.npz] [--rounds R]
 
 ``train`` times the real data-parallel train step (steps.train_step under parallel.data_parallel, over all
 local devices) on random uint8 batches of the config's global batch_size and image_size that are already on
@@ -9,6 +11,11 @@ the devices, so it measures the model, loss and optimiser, not the input pipelin
 its own; then ``--warmup`` steps run untimed and ``--steps`` timed ones, each waited for with
 jax.block_until_ready. With ``--torch`` the same U-Net in PyTorch eager (bench_torch.py) runs on the same
 CPU in the same process, one torch step after each JAX step, so both see the same machine load.
+
+``pipeline`` times the training input pipeline (pipeline.train_dataset, augmentation on) against the
+decode-only limit and a straightforward PIL pipeline on the same photos, with a per-stage breakdown
+(bench_pipeline.py says exactly what each figure is). The config (default configs/demo.py) gives the
+augmentation ranges and seed; --image_size, --batch_size and --num_workers override it.
 """
 from __future__ import annotations
 
@@ -34,6 +41,19 @@ def define_flags() -> None:
     flags.DEFINE_bool("torch", False, "Also time the same U-Net in PyTorch eager on the CPU, side by side.")
     flags.DEFINE_bool("xla_cache", False,
                       "Use the persistent XLA compilation cache (then 'compile' may time a cache load).")
+    # pipeline
+    flags.DEFINE_string("data_dir", None, "pipeline: the Kaggle-layout folder to read (default: the config's "
+                        "data_dir, or its TFDS dataset with --config.data_source=tfds).")
+    flags.DEFINE_string("image_size", "768,768", "pipeline: H,W of the training images.")
+    flags.DEFINE_integer("num_workers", 1, "pipeline: grain worker processes (0 = in the main process); "
+                         "1 worker is always measured too, for the scaling and the baseline.")
+    flags.DEFINE_integer("batches", 20, "pipeline: timed batches per measurement (after 1 untimed warm-up batch).")
+    flags.DEFINE_integer("batch_size", None, "pipeline: images per batch (default: the config's batch_size).")
+    flags.DEFINE_string("dump", None, "pipeline: save the first 4 augmented batches (arrays 'image' N×H×W×3 "
+                        "and 'mask' N×H×W, uint8) to this .npz file.")
+    flags.DEFINE_integer("rounds", 1, "pipeline: repeat every measurement this many times, interleaved; "
+                         "the medians are reported.")
+    flags.DEFINE_bool("baseline", True, "pipeline: also time the straightforward PIL pipeline (--nobaseline skips it).")
 
 TORCH_INSTALL = "pip install torch==2.13.0  (the CPU wheel; or pip install -e '.[bench]')"
 
@@ -219,15 +239,44 @@ def cmd_train(argv: list[str]) -> None:
         print_train_table(result)
 
 
-COMMANDS = {"train": cmd_train}
+# ---------------------------------------------------------------------------------------------- pipeline
+
+def cmd_pipeline(argv: list[str]) -> None:
+    from carvana_jax import bench_pipeline
+    if argv:
+        print(f"error: unexpected arguments after 'pipeline': {' '.join(argv)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        image_size = bench_pipeline.parse_image_size(FLAGS.image_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.batches < 1 or FLAGS.num_workers < 0 or FLAGS.rounds < 1 or (FLAGS.batch_size or 1) < 1:
+        print("error: --batches, --rounds and --batch_size must be ≥ 1 and --num_workers ≥ 0", file=sys.stderr)
+        sys.exit(2)
+    with cli.friendly_errors():
+        result = bench_pipeline.bench_pipeline(
+            FLAGS.config, data_dir=FLAGS.data_dir, image_size=image_size, num_workers=FLAGS.num_workers,
+            batches=FLAGS.batches, batch_size=FLAGS.batch_size, dump=FLAGS.dump, rounds=FLAGS.rounds,
+            baseline=FLAGS.baseline)
+    if FLAGS.json:
+        print(json.dumps(result))
+    else:
+        bench_pipeline.print_table(result)
+
+
+COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline}
+USAGE = ("usage: python -m carvana_jax.bench train --config configs/demo.py [--steps N] [--warmup N] [--json] "
+         "[--torch]\n"
+         "       python -m carvana_jax.bench pipeline --data_dir D --image_size 768,768 --num_workers N --batches K "
+         "[--batch_size B] [--json] [--dump FILE.npz]")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = f"got {argv[1]!r}" if len(argv) > 1 else "none given"
-        print(f"error: the first argument must be a benchmark, one of: {', '.join(COMMANDS)} ({got})\n"
-              "usage: python -m carvana_jax.bench train --config configs/demo.py [--steps N] [--warmup N] "
-              "[--json] [--torch]", file=sys.stderr)
+        print(f"error: the first argument must be a benchmark, one of: {', '.join(COMMANDS)} ({got})\n{USAGE}",
+              file=sys.stderr)
         sys.exit(2)
     COMMANDS[argv[1]](argv[2:])
 

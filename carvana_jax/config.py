@@ -25,7 +25,7 @@ def validate_config(config) -> None:
             raise ConfigError(f"{key} must be ≥ 1, got {value}")
     choices = {"loss": tuple(losses.LOSSES), "model.norm": ("batch", "none"),
                "model.block": ("double_conv", "dense"), "model.dtype": ("float32", "bfloat16"),
-               "optimizer": ("adam", "adamw", "rmsprop"), "data_source": ("folder",)}
+               "optimizer": ("adam", "adamw", "rmsprop"), "data_source": ("folder", "tfds")}
     for key, allowed in choices.items():
         value = config
         for part in key.split("."):

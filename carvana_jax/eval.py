@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from carvana_jax import optim, parallel, predict, rle
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from carvana_jax.data import kaggle
+from carvana_jax.data import kaggle, sources
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
 
@@ -27,6 +27,9 @@ flags.DEFINE_string("ckpt", None, "A training workdir, its checkpoints/ folder, 
 flags.DEFINE_enum("split", "val", ["val", "test"], "val: Dice against the held-out cars' masks; "
                   "test: predict every test photo and write the submission CSV.")
 flags.DEFINE_string("data_dir", None, "Kaggle-layout data folder (default: the one the checkpoint was trained on).")
+flags.DEFINE_enum("data_source", None, ["folder", "tfds"], "Read the Kaggle folder or the prepared TFDS dataset "
+                  "(default: what the checkpoint was trained on).")
+flags.DEFINE_string("tfds_dir", None, "Where the TFDS dataset was prepared (default: the checkpoint's, else DATA_DIR/tfds).")
 flags.DEFINE_string("out", None, "Submission CSV path for --split test (default: CKPT_WORKDIR/submission.csv).")
 flags.DEFINE_enum("tta", "none", ["none", "hflip"], "Test-time augmentation: average with the h-flipped prediction.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the best by val Dice, else the latest).")
@@ -66,7 +69,7 @@ def write_submission(records_and_masks, total: int, out_path: str) -> int:
         writer = csv.writer(f)
         writer.writerow(["img", "rle_mask"])
         for record, mask in records_and_masks:
-            writer.writerow([os.path.basename(record.image_path), rle.encode(mask)])
+            writer.writerow([f"{sources.example_name(record)}.jpg", rle.encode(mask)])
             rows += 1
             bar.update(1)
     if rows != total:
@@ -78,14 +81,16 @@ def write_submission(records_and_masks, total: int, out_path: str) -> int:
 
 
 def evaluate(ckpt: str, split: str = "val", data_dir: str | None = None, out: str | None = None,
-             tta: str = "none", step: int | None = None) -> dict:
+             tta: str = "none", step: int | None = None, data_source: str | None = None,
+             tfds_dir: str | None = None) -> dict:
     mesh = parallel.make_mesh()
     config, variables, apply_fn, step = load_checkpoint(ckpt, step, mesh)
-    if data_dir:
-        config.data_dir = data_dir
+    for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir)):
+        if value is not None:
+            config[key] = value
     hflip = tta == "hflip"
     if split == "val":
-        _, val_records = kaggle.split_by_car(kaggle.index_train(config.data_dir), config.val_fraction, config.seed)
+        _, val_records = sources.train_and_val(config)
         if not val_records:
             raise kaggle.DataError("the checkpoint was trained with val_fraction=0: no held-out cars to score "
                                    "(train with --config.val_fraction=0.1, or use --split test)")
@@ -95,7 +100,7 @@ def evaluate(ckpt: str, split: str = "val", data_dir: str | None = None, out: st
         print(f"validation Dice at 1918x1280: {result['dice']:.5f} over {result['images']} images "
               f"(checkpoint step {step}, tta={tta})")
         return result
-    records = kaggle.index_test(config.data_dir)
+    records = sources.test_examples(config)
     out = out or os.path.join(os.path.dirname(checkpoint_dir(os.path.abspath(ckpt))), "submission.csv")
     rows = write_submission(predict.predict_masks(variables, apply_fn, records, config, mesh, hflip_tta=hflip),
                             len(records), out)
@@ -107,7 +112,8 @@ def main(argv) -> None:
     del argv
     from carvana_jax import cli
     with cli.friendly_errors():
-        evaluate(FLAGS.ckpt, FLAGS.split, FLAGS.data_dir, FLAGS.out, FLAGS.tta, FLAGS.step)
+        evaluate(FLAGS.ckpt, FLAGS.split, FLAGS.data_dir, FLAGS.out, FLAGS.tta, FLAGS.step, FLAGS.data_source,
+                 FLAGS.tfds_dir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from carvana_jax import losses, optim, parallel, plots, predict, steps
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
 from carvana_jax.config import validate_config
-from carvana_jax.data import kaggle, pipeline
+from carvana_jax.data import pipeline, sources
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
 
@@ -55,7 +55,7 @@ def _plot_validation(state, val_records, config, mesh, out_path: str) -> None:
     preds = predict.model_size_predictions(state.variables, state.apply_fn, batch["image"], mesh, config.threshold)
     size = (config.image_size[1], config.image_size[0])
     truths = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in batch["mask_full"]]
-    plots.plot_overlays(batch["image"], truths, preds, out_path, titles=[r.name for r in records])
+    plots.plot_overlays(batch["image"], truths, preds, out_path, titles=[sources.example_name(r) for r in records])
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | None = None,
@@ -67,8 +67,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     metrics_path, plot_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "plots")
-    train_records, val_records = kaggle.split_by_car(kaggle.index_train(config.data_dir), config.val_fraction,
-                                                     config.seed)
+    train_records, val_records = sources.train_and_val(config)
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_divides(config.batch_size, mesh)
 

@@ -1,7 +1,7 @@
 """Every config key with its default; the other configs import this and change a few fields.
 
 Keys (all overridable as --config.KEY=VALUE; an unknown key is an error):
-  data_dir, data_source, seed, image_size (H, W), batch_size (global), grad_accum_steps,
+  data_dir, data_source, tfds_dir, seed, image_size (H, W), batch_size (global), grad_accum_steps,
   num_train_steps (optimiser updates), val_fraction, learning_rate, warmup_steps, optimizer,
   weight_decay, grad_clip_norm, checkpoint_every, eval_every, keep_checkpoints, log_every,
   num_workers, skip_bad_files, loss, threshold, num_plot_images, model.*, augment.*.
@@ -12,7 +12,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.data_dir = "data/kaggle"        # the Kaggle download (zips or unzipped)
-    c.data_source = "folder"          # 'folder' reads the Kaggle layout directly
+    c.data_source = "folder"          # 'folder' reads the Kaggle layout; 'tfds' the dataset `prepare` built
+    c.tfds_dir = ""                   # where `python -m carvana_jax.data.prepare` built it ('' = DATA_DIR/tfds)
     c.seed = 0
     c.image_size = (768, 768)         # (H, W) the model sees; the photo is warped to it
     c.batch_size = 4                  # global batch over all devices and processes, per micro-step

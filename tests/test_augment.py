@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from carvana_jax.data import augment
+from carvana_jax.data.kaggle import DataError
 from configs import default
 
 FULL_HW = (1280, 1918)
@@ -268,3 +269,135 @@ def test_sample_params_within_configured_ranges():
     # Same seed, same draws.
     again = np.random.default_rng(0)
     assert [augment.sample_params(again, cfg) for _ in range(400)] == draws
+
+
+# ------------------------------------------------------------------------------- decoding fast paths
+
+@pytest.mark.parametrize("target", [(128, 192), (256, 384), (480, 720), (768, 768)])
+def test_opencv_decode_equals_pil_draft_decode(photo, target):
+    """The OpenCV decode (libjpeg-turbo, reduced DCT scale) gives PIL's draft-mode pixels exactly."""
+    jpeg, _, _ = photo
+    with Image.open(jpeg) as im:
+        im.draft("RGB", (target[1], target[0]))
+        expected = np.asarray(im.convert("RGB"))
+    image, _ = augment.decode_image(jpeg, target)
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_decode_from_bytes_equals_decode_from_path(photo):
+    jpeg, gif, _ = photo
+    with open(jpeg, "rb") as f:
+        jpeg_bytes = f.read()
+    with open(gif, "rb") as f:
+        gif_bytes = f.read()
+    for size in ((128, 192), (768, 768)):
+        a, hw_a = augment.decode_image(jpeg, size)
+        b, hw_b = augment.decode_image(jpeg_bytes, size, name="abc_01")
+        np.testing.assert_array_equal(a, b)
+        assert hw_a == hw_b == FULL_HW
+    np.testing.assert_array_equal(augment.decode_mask(gif), augment.decode_mask(gif_bytes))
+    params = random_params(np.random.default_rng(9), hflip=True)
+    for x, y in zip(augment.load_pair(jpeg, gif, (96, 128), params),
+                    augment.load_pair(jpeg_bytes, gif_bytes, (96, 128), params, name="abc_01")):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_errors_about_bytes_name_the_example(photo):
+    jpeg, _, _ = photo
+    with open(jpeg, "rb") as f:
+        data = f.read()
+    for bad in (data[: len(data) // 2], data[:100], b"not a photo at all"):
+        with pytest.raises(DataError, match="car_07") as e:
+            augment.decode_image(bad, (128, 192), name="car_07")
+        assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="car_07 mask"):
+        augment.decode_mask(b"GIF89a not really", name="car_07 mask")
+
+
+def test_jpeg_header_reads_the_size_without_decoding(photo, tmp_path):
+    jpeg, gif, _ = photo
+    with open(jpeg, "rb") as f:
+        assert augment.jpeg_header(f.read()) == FULL_HW
+    with open(gif, "rb") as f:
+        assert augment.jpeg_header(f.read()) is None
+    # A photo that is no JPEG still decodes (through PIL, at full scale).
+    png = tmp_path / "abc_01.png"
+    Image.fromarray(np.full((40, 60, 3), 7, np.uint8)).save(png)
+    image, hw = augment.decode_image(str(png), (20, 30))
+    assert hw == (40, 60) and image.shape == (40, 60, 3) and (image == 7).all()
+
+
+@pytest.mark.parametrize("full,target,k", [((1280, 1918), (128, 192), 8), ((1280, 1918), (160, 239), 8),
+                                           ((1280, 1918), (160, 240), 4), ((1280, 1918), (640, 959), 2),
+                                           ((1280, 1918), (641, 959), 1), ((1280, 1918), (768, 768), 1),
+                                           ((1280, 1918), (2000, 3000), 1), ((8, 8), (1, 1), 8)])
+def test_dct_scale_keeps_the_decode_at_least_the_target(full, target, k):
+    """PIL draft()'s rule: k ≤ full // target on both axes (so 1918 // 240 = 7 gives 1/4, not 1/8)."""
+    assert augment.dct_scale(full, target) == k
+    assert -(-full[0] // k) >= min(target[0], full[0]) and -(-full[1] // k) >= min(target[1], full[1])
+
+
+def test_mask_from_rle_equals_mask_from_gif(photo):
+    from carvana_jax import rle
+    _, gif, full_mask = photo
+    text = rle.encode(full_mask)
+    for value in (1, 255):
+        from_rle = augment.MaskSource(rle=text).decode(FULL_HW, value=value)
+        from_gif = augment.MaskSource(file=gif).decode(FULL_HW, value=value)
+        np.testing.assert_array_equal(from_rle, from_gif)
+        np.testing.assert_array_equal(from_rle, full_mask * np.uint8(value))
+    with pytest.raises(DataError, match="x_01 mask.*RLE"):
+        augment.MaskSource(rle="3 4 5", name="x_01 mask").decode(FULL_HW)
+
+
+def old_jitter(image, p):
+    """The float32 NumPy colour jitter the cv2.transform version replaced (it truncated)."""
+    x = image.astype(np.float32)
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = grey[..., None] + p.saturation * (x - grey[..., None])
+    x = (x - grey.mean()) * p.contrast + grey.mean() * p.brightness
+    return np.clip(x, 0, 255)
+
+
+def test_colour_matrix_jitter_equals_the_formula():
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for jitter in (dict(brightness=1.1), dict(contrast=0.85), dict(saturation=1.2),
+                   dict(brightness=0.9, contrast=1.1, saturation=0.9), dict(brightness=1.3, contrast=1.4)):
+        p = augment.AugmentParams(**jitter)
+        expected = old_jitter(image, p)
+        got = augment.jitter_colour(image, p)
+        assert got.dtype == np.uint8 and got.shape == image.shape
+        error = np.abs(got - expected)  # OpenCV rounds (in fixed point): within one level
+        assert error.max() <= 1.0 and error.mean() <= 0.5
+        again = image.copy()
+        assert augment.jitter_colour(again, p, out=again) is again  # in place
+        np.testing.assert_array_equal(again, got)
+    assert augment.jitter_colour(image, augment.AugmentParams()) is image
+
+
+@pytest.mark.parametrize("dst", [(768, 768), (128, 192), (50, 63)])
+def test_strip_warp_equals_one_whole_warp(photo, dst):
+    jpeg, _, _ = photo
+    image, full_hw = augment.decode_image(jpeg, dst)
+    params = random_params(np.random.default_rng(4), hflip=True)
+    matrix = augment.composed_matrix(params, full_hw, image.shape[:2], dst)
+    whole = cv2.warpAffine(image, matrix[:2], (dst[1], dst[0]), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)
+    strips = augment.warp(image, matrix, dst)
+    diff = np.abs(strips.astype(int) - whole)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # OpenCV's fixed-point rounding, now and then
+    out = np.empty_like(whole)
+    assert augment.warp(image, matrix, dst, out) is out
+    np.testing.assert_array_equal(out, strips)
+
+
+def test_load_pair_writes_into_given_arrays(photo):
+    jpeg, gif, _ = photo
+    params = random_params(np.random.default_rng(2), hflip=False)
+    image, mask = augment.load_pair(jpeg, gif, (64, 96), params)
+    out_image, out_mask = np.empty_like(image), np.empty_like(mask)
+    got = augment.load_pair(jpeg, gif, (64, 96), params, out_image=out_image, out_mask=out_mask)
+    assert got[0] is out_image and got[1] is out_mask
+    np.testing.assert_array_equal(out_image, image)
+    np.testing.assert_array_equal(out_mask, mask)

@@ -1,7 +1,13 @@
-"""grain pipelines: determinism, batch layout across processes, micro-steps and workers, resuming."""
+"""grain pipelines: determinism, batch layout across processes, micro-steps and workers, resuming,
+and the two kinds of element (folder Records, TFDS example dicts)."""
+import dataclasses
+import os
+
+import grain
 import numpy as np
 import pytest
 
+from carvana_jax import rle
 from carvana_jax.data import augment, kaggle, pipeline
 from configs import demo
 
@@ -185,3 +191,95 @@ def test_eval_dataset_without_masks(kaggle_dir):
 def test_no_records_is_a_clear_error(kaggle_dir):
     with pytest.raises(kaggle.DataError, match="no training images"):
         pipeline.train_dataset([], small_config(kaggle_dir))
+
+
+# ------------------------------------------------------------------------------- sources
+
+def as_dicts(records):
+    """The TFDS form of each record: the files' bytes, the mask's RLE, '' / b'' where there is no mask."""
+    out = []
+    for r in records:
+        with open(r.image_path, "rb") as f:
+            image = f.read()
+        mask = b""
+        if r.mask_path is not None:
+            with open(r.mask_path, "rb") as f:
+                mask = f.read()
+        text = rle.encode(augment.decode_mask(r.mask_path)) if r.mask_path else ""
+        out.append({"name": r.name, "car_id": r.car_id, "angle": r.angle, "image": image, "mask": mask,
+                    "mask_rle": text})
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=SLOW)])
+def test_dict_elements_give_the_same_batches_as_records(kaggle_dir, records, num_workers):
+    config = small_config(kaggle_dir, num_workers=num_workers)
+    from_records = take(pipeline.train_dataset(records, config), 3)
+    from_dicts = take(pipeline.train_dataset(as_dicts(records), config), 3)
+    assert_same_batches(from_records, from_dicts)
+    # Evaluation too, with and without masks.
+    subset = records[:5]
+    assert_same_batches(drain(pipeline.eval_dataset(subset, config, batch_size=2)),
+                        drain(pipeline.eval_dataset(as_dicts(subset), config, batch_size=2)))
+    tests = kaggle.index_test(kaggle_dir)[:3]
+    assert_same_batches(drain(pipeline.eval_dataset(tests, config, batch_size=2)),
+                        drain(pipeline.eval_dataset(as_dicts(tests), config, batch_size=2)))
+
+
+def test_dict_elements_with_only_the_gif_or_only_the_rle(kaggle_dir, records):
+    config = small_config(kaggle_dir)
+    reference = take(pipeline.train_dataset(records, config), 2)
+    dicts = as_dicts(records)
+    gif_only = [{k: v for k, v in d.items() if k != "mask_rle"} for d in dicts]
+    rle_only = [dict(d, mask=b"") for d in dicts]
+    assert_same_batches(take(pipeline.train_dataset(gif_only, config), 2), reference)
+    assert_same_batches(take(pipeline.train_dataset(rle_only, config), 2), reference)
+
+
+def test_masks_from_the_csv_equal_masks_from_the_gifs(kaggle_dir, records):
+    """index_train attaches train_masks.csv's RLE; decoding it gives the same batches as the GIFs."""
+    assert all(r.mask_rle for r in records)
+    parts = pipeline.element_parts(records[0])
+    assert parts.mask.rle == records[0].mask_rle and parts.mask.file == records[0].mask_path
+    config = small_config(kaggle_dir)
+    without = [dataclasses.replace(r, mask_rle=None) for r in records]
+    assert_same_batches(take(pipeline.train_dataset(records, config), 3),
+                        take(pipeline.train_dataset(without, config), 3))
+    np.testing.assert_array_equal(
+        drain(pipeline.eval_dataset(records[:2], config, batch_size=2))[0]["mask_full"],
+        drain(pipeline.eval_dataset(without[:2], config, batch_size=2))[0]["mask_full"])
+
+
+def test_bad_bytes_are_named_by_the_example(kaggle_dir, records):
+    config = small_config(kaggle_dir, batch_size=1)
+    bad = as_dicts(records[:1])
+    bad[0]["image"] = bad[0]["image"][: len(bad[0]["image"]) // 2]
+    with pytest.raises(kaggle.DataError, match=records[0].name):
+        take(pipeline.train_dataset(bad, config), 1)
+    bad = as_dicts(records[:1])
+    bad[0].update(mask_rle="5 x")
+    with pytest.raises(kaggle.DataError, match=f"{records[0].name}.*RLE"):
+        take(pipeline.train_dataset(bad, config), 1)
+
+
+class _WhoMapsIt(grain.transforms.Map):
+    def map(self, x):
+        import os
+        import threading
+        return {"x": np.int64(x), "pid": np.int64(os.getpid()), "thread": np.int64(threading.get_ident())}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, pytest.param(2, marks=SLOW)])
+def test_reading_threads(num_workers):
+    """Workers map one element at a time (one reading thread each): grain's default of 16 threads in
+    every worker made one worker 3x slower than none. In-process, one thread per CPU at most."""
+    ds = pipeline.parallel(grain.MapDataset.range(64).map(_WhoMapsIt()), num_workers, batch_size=4)
+    items = drain(ds)
+    assert [int(i["x"]) for i in items] == list(range(64))  # in order
+    threads = {(int(i["pid"]), int(i["thread"])) for i in items}
+    pids = {pid for pid, _ in threads}
+    if num_workers == 0:
+        assert pids == {os.getpid()} and 1 <= len(threads) <= min(os.cpu_count(), 16)
+    else:
+        assert len(pids) == num_workers and os.getpid() not in pids
+        assert len(threads) == num_workers  # one thread in each worker

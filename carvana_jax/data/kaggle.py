@@ -26,12 +26,14 @@ class DataError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One photo: its name (``ID_NN``), car id, angle (1..16) and file paths."""
+    """One photo: its name (``ID_NN``), car id, angle (1..16), file paths, and its mask's RLE when
+    train_masks.csv lists it (decoding that is ~30x cheaper than decoding the GIF)."""
     name: str
     car_id: str
     angle: int
     image_path: str
     mask_path: str | None = None
+    mask_rle: str | None = None
 
 
 def parse_name(filename: str) -> tuple[str, str, int]:
@@ -90,6 +92,7 @@ def index_train(data_dir: str) -> list[Record]:
     if not os.path.isdir(mask_dir):
         raise DataError(f"{mask_dir} (the training masks) is missing; {GET_DATA}")
     masks = set(os.listdir(mask_dir))
+    rles = read_train_rles(data_dir)
     records = []
     for filename in names:
         name, car_id, angle = parse_name(filename)
@@ -97,8 +100,21 @@ def index_train(data_dir: str) -> list[Record]:
         if mask_file not in masks:
             raise DataError(f"{os.path.join(mask_dir, mask_file)}: mask missing for {filename}")
         records.append(Record(name, car_id, angle, os.path.join(image_dir, filename),
-                              os.path.join(mask_dir, mask_file)))
+                              os.path.join(mask_dir, mask_file), rles.get(filename)))
     return records
+
+
+def read_train_rles(data_dir: str) -> dict[str, str]:
+    """{image file name: RLE of its mask} from train_masks.csv (zipped or not); {} when it is missing
+    or has no ``img,rle_mask`` header. Kaggle's CSV holds the same masks as the GIFs."""
+    path = ensure_unzipped(data_dir, "train_masks.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        if next(rows, [])[:2] != ["img", "rle_mask"]:
+            return {}
+        return {row[0]: row[1] for row in rows if len(row) >= 2}
 
 
 def read_submission_order(data_dir: str) -> list[str]:

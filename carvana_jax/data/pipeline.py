@@ -1,16 +1,29 @@
 """grain input pipelines: shuffled, paired-augmented training batches and in-order eval batches.
 
 Training: source → shuffle (reseeded each epoch) → repeat → random_map(PairedAugment) → this
-process's slice of every global batch → worker processes → drop bad files → batch. Randomness is
-keyed by the element's global index, so the same seed gives the same global batches whatever the
+process's slice of every global batch → worker processes → drop bad files → batch. Sources hold
+folder Records (file paths) or TFDS example dicts (the files' bytes); both decode the same way.
+Randomness is keyed by the element's global index, so the same seed gives the same global batches whatever the
 number of processes, workers or micro-steps they are cut into. Workers each take every
 num_workers-th element and grain interleaves them back in order, so the many-to-one steps (the
 filter and the batching) run after the workers, in this process: batched inside the workers, a
 batch would hold every num_workers-th element instead of consecutive ones.
+
+Parallelism: with ``num_workers`` > 0 each worker process maps one element at a time on one reading
+thread, while its main thread hands the previous element over (grain copies each array into a fresh
+shared-memory block, which this process maps and stacks into the batch). With 0 workers, grain's
+reading threads (one per CPU) map in this process; decoding and warping release the GIL, so they run
+in parallel too. grain's default, 16 reading threads in every worker, made one worker 3x slower than
+none (bench pipeline). Writing the outputs straight into shared memory was measured and dropped: the
+first touch of fresh shared pages (~4.5 µs per 4 KiB page on the benchmark VM) then lands on the
+worker's critical path instead of overlapping the next element.
 """
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
+from typing import NamedTuple, Union
 
 import grain
 import numpy as np
@@ -18,19 +31,69 @@ import numpy as np
 from carvana_jax.data import augment
 from carvana_jax.data.kaggle import DataError, Record
 
+# An element of a source: a folder Record (file paths), or a TFDS example {'name', 'car_id', 'angle',
+# 'image': JPEG bytes, 'mask': GIF bytes (b'' in test), 'mask_rle': its RLE ('' in test)}.
+Element = Union[Record, Mapping]
+
+
+class Parts(NamedTuple):
+    """What decoding an element needs: the photo (path or bytes), its mask (None when unknown) and
+    what errors call the photo's bytes (None for a path, which names itself)."""
+    image: augment.Source
+    mask: augment.MaskSource | None
+    name: str | None
+
+
+def _text(value) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _blob(value) -> bytes:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def element_parts(element: Element) -> Parts:
+    """The photo, mask and name of a Record or of a TFDS example dict. The mask comes from its RLE when
+    one is known (the CSV's for a Record, ``mask_rle`` for a dict), else from the GIF."""
+    if isinstance(element, Record):
+        mask = None
+        if element.mask_rle is not None or element.mask_path is not None:
+            where = element.mask_path if element.mask_rle is None else f"train_masks.csv ({element.name})"
+            mask = augment.MaskSource(rle=element.mask_rle, file=element.mask_path, name=where)
+        return Parts(element.image_path, mask, None)
+    if not isinstance(element, Mapping):
+        raise TypeError(f"expected a kaggle.Record or an example dict, got {type(element).__name__}")
+    name = _text(element["name"])
+    gif = _blob(element.get("mask", b""))
+    text = element.get("mask_rle")
+    text = None if text is None else _text(text)
+    mask = None
+    if gif:  # a training example: its RLE (the GIF's, written with it) when there is one
+        mask = augment.MaskSource(rle=text, file=gif, name=f"{name} (mask)")
+    elif text:  # only the RLE was kept
+        mask = augment.MaskSource(rle=text, name=f"{name} (mask_rle)")
+    return Parts(_blob(element["image"]), mask, f"{name} (image)")
+
 
 class PairedAugment(grain.transforms.RandomMap):
-    """Record → {'image': uint8 H×W×3, 'mask': uint8 H×W}, one random affine shared by both."""
+    """Element → {'image': uint8 H×W×3, 'mask': uint8 H×W}, one random affine shared by both."""
 
     def __init__(self, image_size, augment_cfg, skip_bad_files: bool = False):
         self.image_size = tuple(image_size)
         self.augment_cfg = augment_cfg
         self.skip_bad_files = skip_bad_files
 
-    def random_map(self, record: Record, rng: np.random.Generator):
+    def random_map(self, element: Element, rng: np.random.Generator):
         params = augment.sample_params(rng, self.augment_cfg)
         try:
-            image, mask = augment.load_pair(record.image_path, record.mask_path, self.image_size, params)
+            parts = element_parts(element)
+            if parts.mask is None:
+                raise DataError(f"{augment.source_name(parts.image, parts.name)}: a training example without a mask")
+            image, mask = augment.load_pair(parts.image, parts.mask, self.image_size, params, name=parts.name)
         except DataError as e:
             if not self.skip_bad_files:
                 raise
@@ -39,18 +102,20 @@ class PairedAugment(grain.transforms.RandomMap):
 
 
 class LoadForEval(grain.transforms.MapWithIndex):
-    """Record → model-size image, its index, and the full-resolution mask when the record has one."""
+    """Element → model-size image, its index, and the full-resolution mask when the element has one."""
 
     def __init__(self, image_size, skip_bad_files: bool = False):
         self.image_size = tuple(image_size)
         self.skip_bad_files = skip_bad_files
 
-    def map_with_index(self, index: int, record: Record):
+    def map_with_index(self, index: int, element: Element):
         try:
-            image, _ = augment.load_pair(record.image_path, None, self.image_size)
-            item = {"image": image, "index": np.int64(index)}
-            if record.mask_path is not None:
-                item["mask_full"] = augment.decode_mask(record.mask_path)
+            parts = element_parts(element)
+            photo, full_hw = augment.decode_image(parts.image, self.image_size, parts.name)
+            matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], self.image_size)
+            item = {"image": augment.warp(photo, matrix, self.image_size), "index": np.int64(index)}
+            if parts.mask is not None:
+                item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
         except DataError as e:
             if not self.skip_bad_files:
                 raise
@@ -94,28 +159,48 @@ class ProcessSlice(grain.MapDataset):
         return f"ProcessSlice(offset={self._offset}, local_batch={self._local_batch})"
 
 
-def _with_workers(ds: grain.IterDataset, num_workers: int, batch_size: int) -> grain.IterDataset:
-    """Elements of ``ds`` made in worker processes, in the same order; about two batches buffered."""
+def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> bool:
+    """grain worker_init_fn: glibc malloc keeps freed blocks of up to 32 MiB for reuse instead of giving
+    every one back to the OS. A decoded 1918×1280 photo (7 MiB) is otherwise a fresh mmap each time,
+    and first-touch page faults cost ~4 ms of its ~6 ms decode on the benchmark VM. Only in worker
+    processes, which exist to run the pipeline; False where glibc's mallopt is not there."""
+    del worker_index, worker_count
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def parallel(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.IterDataset:
+    """``ds`` read in order by ``num_workers`` worker processes (one element at a time each, about two
+    batches buffered), or by one reading thread per CPU in this process when num_workers is 0."""
     if num_workers <= 0:
-        return ds
+        threads = max(1, min(os.cpu_count() or 1, 16))
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                    prefetch_buffer_size=max(2 * batch_size, threads)))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     buffer = max(2, -(-2 * batch_size // num_workers))
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+                          worker_init_fn=keep_freed_memory)
 
 
-def train_dataset(records: list[Record], config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def train_dataset(records: list[Element], config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Endless training batches (this process's share) of augmented images and masks."""
     if not records:
         raise DataError("no training images (is val_fraction too large?)")
+    workers = config.num_workers
     ds = grain.MapDataset.source(records).shuffle(seed=config.seed).repeat()
     ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files), seed=config.seed)
     local_batch = config.batch_size // process_count
-    ds = ProcessSlice(ds, config.batch_size, process_index, process_count).to_iter_dataset()
-    ds = _with_workers(ds, config.num_workers, local_batch)
+    ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count), workers, local_batch)
     return ds.filter(_is_good).batch(local_batch, drop_remainder=True)
 
 
-def eval_dataset(records: list[Record], config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
+def eval_dataset(records: list[Element], config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
     """Every record once, in order, at model size (with full-size masks where known)."""
+    workers = config.num_workers if num_workers is None else num_workers
     ds = grain.MapDataset.source(records).map_with_index(LoadForEval(config.image_size, config.skip_bad_files))
-    ds = _with_workers(ds.to_iter_dataset(), config.num_workers if num_workers is None else num_workers, batch_size)
-    return ds.filter(_is_good).batch(batch_size, drop_remainder=False)
+    return parallel(ds, workers, batch_size).filter(_is_good).batch(batch_size, drop_remainder=False)
