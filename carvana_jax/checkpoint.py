@@ -29,6 +29,11 @@ def checkpoint_dir(path: str) -> str:
     return os.path.abspath(nested if os.path.isdir(nested) else path)
 
 
+def _val_dice(metrics: dict) -> float:
+    """A checkpoint's validation Dice; -inf for one saved without a validation pass."""
+    return metrics.get("val_dice", float("-inf"))
+
+
 def _leaf_name(path) -> str:
     """'params/down0/Conv_0/kernel' for a tree path, whether its keys are dict keys or attributes."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -38,14 +43,15 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
         preserve = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=lambda m: m["val_dice"], n=1, keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=_val_dice, n=1, keep_checkpoints_without_metrics=False),
         ])
         self.directory = os.path.abspath(directory)  # orbax's async writer refuses relative paths
         verbosity = absl_logging.get_verbosity()
         if read_only:  # orbax warns that a read-only manager will not save, which is the point
             absl_logging.set_verbosity(absl_logging.ERROR)
         try:
-            options = ocp.CheckpointManagerOptions(preservation_policy=preserve, read_only=read_only,
+            # best_fn makes orbax store each checkpoint's metrics, which best_step() reads back.
+            options = ocp.CheckpointManagerOptions(preservation_policy=preserve, best_fn=_val_dice, read_only=read_only,
                                                    create=not read_only, enable_async_checkpointing=True)
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         finally:
@@ -55,13 +61,16 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        return self.manager.best_step()
+        """The step with the highest validation Dice; the latest when none was measured."""
+        scored = [(_val_dice(self.manager.metrics(step) or {}), step) for step in self.manager.all_steps()]
+        best = max(scored, default=(float("-inf"), None))
+        return best[1] if best[0] > float("-inf") else self.latest_step()
 
     def save(self, step: int, state, data_state: dict | None, config, metrics: dict | None = None) -> None:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
 
     def load_config(self, step: int) -> ml_collections.ConfigDict:
         path = os.path.join(self.directory, str(step), "config", "metadata")

@@ -45,7 +45,7 @@ def load_checkpoint(path: str, step: int | None = None, mesh=None):
     if not os.path.isdir(directory):
         raise CheckpointError(f"--ckpt {path}: no such folder")
     ckpt = Checkpointer(directory, read_only=True)
-    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+    step = step if step is not None else ckpt.best_step()
     if step is None or step not in ckpt.manager.all_steps():
         raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if step is None else f' at step {step}'} there "
                               "(expected a training workdir or its checkpoints/ folder)")

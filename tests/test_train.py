@@ -88,3 +88,16 @@ def test_plots_and_metrics_are_written(tiny_config, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and "val_dice" in rows[-1]
     for name in ("curves.png", "overlays.png"):
         assert os.path.getsize(os.path.join(workdir, "plots", name)) > 10_000
+
+
+def test_evaluation_defaults_to_the_checkpoint_with_the_best_val_dice(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    tiny_config.num_train_steps = 4
+    train.train_and_evaluate(tiny_config, workdir, progress=False)
+    scores = {r["step"]: r["val_dice"] for r in _metrics(workdir) if "val_dice" in r}
+    assert set(scores) == {2, 4}
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert {step: ckpt.manager.metrics(step)["val_dice"] for step in (2, 4)} == scores  # stored with each checkpoint
+    assert ckpt.best_step() == max(scores, key=scores.get)
+    from carvana_jax import eval as eval_lib
+    assert eval_lib.load_checkpoint(workdir)[3] == max(scores, key=scores.get)

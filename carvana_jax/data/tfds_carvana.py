@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import csv
 import io
 import json
 import os
@@ -129,19 +128,6 @@ def decode_mask_bytes(data: bytes, path: str) -> np.ndarray:
 
 def _normalise_rle(s: str) -> str:
     return " ".join(s.split())
-
-
-def read_train_rles(data_dir: str) -> dict[str, str]:
-    """{image file name: RLE} from train_masks.csv (zipped or not); {} when there is none."""
-    path = kaggle.ensure_unzipped(data_dir, "train_masks.csv")
-    if not os.path.exists(path):
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:2] != ["img", "rle_mask"]:
-        logging.warning("%s: no 'img,rle_mask' header; ignoring it (RLEs come from the GIFs)", path)
-        return {}
-    return {row[0]: row[1] for row in rows[1:] if len(row) >= 2}
 
 
 def _example(record: kaggle.Record, csv_rle: str | None) -> tuple[dict, str | None]:
@@ -321,7 +307,7 @@ class Carvana(tfds.core.GeneratorBasedBuilder):
             raise DataError(f"data_dir {self._manual_dir_name()} is missing or empty; {kaggle.GET_DATA}") from e
         train = _index_train(data_dir, self.skip_bad_files)
         test = kaggle.index_test(data_dir)
-        rles = read_train_rles(data_dir)
+        rles = kaggle.read_train_rles(data_dir)
         self.info.metadata["examples"] = {}
         self.info.metadata["skipped"] = {}
         return {
