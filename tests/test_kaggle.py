@@ -7,10 +7,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import small_config
 from PIL import Image
 
 from carvana_jax.data import augment, kaggle, pipeline
-from configs import demo
 
 
 def copy_subset(kaggle_dir: str, dst, names=None, test: bool = False):
@@ -290,17 +290,6 @@ def data_with_bad_file(kaggle_dir, tmp_path):
     bad = os.path.join(data, "train", f"{names[3]}.jpg")
     truncate(bad)
     return data, bad
-
-
-def small_config(data_dir, **overrides):
-    config = demo.get_config()
-    config.data_dir = data_dir
-    config.image_size = (64, 96)
-    config.batch_size = 4
-    config.num_workers = 0
-    for key, value in overrides.items():
-        config[key] = value
-    return config
 
 
 def test_bad_file_fails_the_pipeline_by_default(data_with_bad_file):

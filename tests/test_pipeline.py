@@ -6,26 +6,15 @@ import os
 import grain
 import numpy as np
 import pytest
+from helpers import small_config
 
 from carvana_jax import rle
 from carvana_jax.data import augment, kaggle, pipeline
-from configs import demo
 
 
 @pytest.fixture(scope="module")
 def records(kaggle_dir):
     return kaggle.index_train(kaggle_dir)
-
-
-def small_config(kaggle_dir, **overrides):
-    config = demo.get_config()
-    config.data_dir = kaggle_dir
-    config.image_size = (64, 96)
-    config.batch_size = 4
-    config.num_workers = 0
-    for key, value in overrides.items():
-        config[key] = value
-    return config
 
 
 def take(ds, n):
