@@ -1,111 +1,382 @@
-"""Score a checkpoint on validation photos, or write a Kaggle submission for the test photos.
+"""Score checkpoints on photos with known masks, or write a Kaggle submission for the test photos.
 
-    python -m carvana_jax.eval --ckpt WORKDIR [--split val|test] [--data_dir D] [--out FILE] [--tta hflip]
+    python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip]
+                               [--threshold T] [--out PATH] [--step N] [--data_dir D]
 
-The checkpoint carries its config (model, image size, validation split), so nothing else is
-needed; predictions are made at model size, up-sampled to 1918×1280 and thresholded.
+Each checkpoint carries its config (model, image size, validation split), so nothing else is needed.
+Several checkpoints, of any configs and input sizes, are averaged as probabilities at 1918×1280: each
+model predicts at its own size, its probabilities are up-sampled to full resolution, and the mean over
+models (and over the h-flip with --tta hflip) is thresholded. The records, the split and the default
+threshold come from the first checkpoint's config.
+
+val / train: mean Dice, and in --out (default CKPT_WORKDIR/eval_<split>/) per_image.csv (img, dice),
+dice_histogram.png and worst.png (the 12 worst photos, truth and prediction overlaid).
+test: the submission CSV at --out (default CKPT_WORKDIR/submission.csv), streamed into OUT.partial; an
+interrupted run resumes from it, and OUT appears only when every row is in and the file validates.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
+import json
 import os
 import time
+from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from carvana_jax import optim, parallel, predict, rle
+from carvana_jax import optim, parallel, plots, predict, rle
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from carvana_jax.data import kaggle, sources
+from carvana_jax.data import augment, kaggle, pipeline, sources
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
 
-flags.DEFINE_string("ckpt", None, "A training workdir, its checkpoints/ folder, or one checkpoint step folder.",
-                    required=True)
-flags.DEFINE_enum("split", "val", ["val", "test"], "val: Dice against the held-out cars' masks; "
-                  "test: predict every test photo and write the submission CSV.")
+flags.DEFINE_multi_string("ckpt", None, "A training workdir, its checkpoints/ folder, or one checkpoint step folder; "
+                          "repeat it to average several models' probabilities.", required=True)
+flags.DEFINE_enum("split", "val", ["val", "train", "test"], "val: Dice against the held-out cars' masks; train: "
+                  "Dice over every training photo; test: predict every test photo and write the submission CSV.")
 flags.DEFINE_string("data_dir", None, "Kaggle-layout data folder (default: the one the checkpoint was trained on).")
 flags.DEFINE_enum("data_source", None, ["folder", "tfds"], "Read the Kaggle folder or the prepared TFDS dataset "
                   "(default: what the checkpoint was trained on).")
 flags.DEFINE_string("tfds_dir", None, "Where the TFDS dataset was prepared (default: the checkpoint's, else DATA_DIR/tfds).")
-flags.DEFINE_string("out", None, "Submission CSV path for --split test (default: CKPT_WORKDIR/submission.csv).")
+flags.DEFINE_string("out", None, "test: the submission CSV (default CKPT_WORKDIR/submission.csv); val/train: the "
+                    "folder for per_image.csv and the plots (default CKPT_WORKDIR/eval_<split>/).")
 flags.DEFINE_enum("tta", "none", ["none", "hflip"], "Test-time augmentation: average with the h-flipped prediction.")
-flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the best by val Dice, else the latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step to load from each --ckpt workdir (default: the best by val Dice, "
+                     "else the latest).")
+flags.DEFINE_float("threshold", None, "Probability above which a pixel is car (default: the first checkpoint's).")
 FLAGS = flags.FLAGS
+
+WORST = 12  # photos drawn in worst.png
+PLOT_HW = (320, 480)  # size the photos are drawn at (a 1/4 JPEG decode)
+FLUSH_EVERY_S = 2.0  # the partial submission is flushed and its rows made durable at least this often
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def _step_path(path: str, step: int | None) -> tuple[str, int | None]:
+    """(workdir or checkpoints folder, step) of a --ckpt that may name one step folder."""
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit() and step is None:
+        return os.path.dirname(path), int(os.path.basename(path))
+    return path, step
+
+
+def ckpt_workdir(path: str) -> str:
+    """The training workdir a --ckpt belongs to (where eval's outputs go by default)."""
+    return os.path.dirname(checkpoint_dir(_step_path(path, None)[0]))
+
+
+def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A stored config on top of today's defaults, so a checkpoint saved before a key existed still loads."""
+    from configs import default
+    merged = default.get_config()
+    merged.update(config.to_dict())
+    return merged
 
 
 def load_checkpoint(path: str, step: int | None = None, mesh=None):
     """(config, variables, apply_fn, step) of a checkpoint; step defaults to the best, else the latest."""
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit() and step is None:
-        path, step = os.path.dirname(path), int(os.path.basename(path))
+    path, step = _step_path(path, step)
     directory = checkpoint_dir(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"--ckpt {path}: no such folder")
     ckpt = Checkpointer(directory, read_only=True)
-    step = step if step is not None else ckpt.best_step()
-    if step is None or step not in ckpt.manager.all_steps():
-        raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if step is None else f' at step {step}'} there "
-                              "(expected a training workdir or its checkpoints/ folder)")
-    config = ckpt.load_config(step)
-    model = unet.from_config(config.model)
-    target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config), tuple(config.image_size))
-    mesh = mesh or parallel.make_mesh()
-    state, _ = ckpt.restore(step, parallel.replicate(target, mesh), with_data=False)
-    ckpt.close()
+    try:
+        step = step if step is not None else ckpt.best_step()
+        if step is None or step not in ckpt.manager.all_steps():
+            raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if step is None else f' at step {step}'} there "
+                                  "(expected a training workdir or its checkpoints/ folder)")
+        config = _with_defaults(ckpt.load_config(step))
+        model = unet.from_config(config.model)
+        target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config),
+                                    tuple(config.image_size))
+        mesh = mesh or parallel.make_mesh()
+        state, _ = ckpt.restore(step, parallel.replicate(target, mesh), with_data=False)
+    finally:
+        ckpt.close()
     return config, state.variables, model.apply, step
 
 
-def write_submission(records_and_masks, total: int, out_path: str) -> int:
-    """Stream (record, mask) pairs into ``out_path`` as img,rle_mask; written to a temporary file
-    and renamed only when every row is in, so a partial submission never looks complete."""
-    tmp = out_path + ".partial"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    rows = 0
-    start = time.perf_counter()
-    with open(tmp, "w", newline="") as f, tqdm(total=total, unit="img", desc="test") as bar:
-        writer = csv.writer(f)
-        writer.writerow(["img", "rle_mask"])
-        for record, mask in records_and_masks:
-            writer.writerow([f"{sources.example_name(record)}.jpg", rle.encode(mask)])
+def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, threshold: float | None = None,
+                  tta: str = "none"):
+    """(first checkpoint's config, Ensemble, [(checkpoint folder, step), ...]) of one or more --ckpt."""
+    if isinstance(ckpts, str):
+        ckpts = [ckpts]
+    if not ckpts:
+        raise CheckpointError("no --ckpt given")
+    mesh = mesh or parallel.make_mesh()
+    members, loaded, first = [], [], None
+    for path in ckpts:
+        config, variables, apply_fn, at = load_checkpoint(path, step, mesh)
+        first = first or config
+        members.append(predict.Member(variables, apply_fn, tuple(config.image_size)))
+        loaded.append((checkpoint_dir(_step_path(path, None)[0]), at))
+    threshold = first.threshold if threshold is None else threshold
+    if not 0.0 <= threshold < 1.0:
+        raise CheckpointError(f"--threshold must be in [0, 1), got {threshold}")
+    return first, predict.Ensemble(members, mesh, threshold, hflip_tta=tta == "hflip"), loaded
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def records_for(split: str, config) -> Sequence:
+    """The examples of ``split``: the config's held-out cars, every training photo, or the test photos."""
+    if split == "test":
+        return sources.test_examples(config)
+    if split == "train":
+        everything = config.copy_and_resolve_references()
+        everything.val_fraction = 0.0
+        return sources.train_and_val(everything)[0]
+    _, val = sources.train_and_val(config)
+    if not val:
+        raise kaggle.DataError("the checkpoint was trained with val_fraction=0: no held-out cars to score "
+                               "(train with --config.val_fraction=0.1, or use --split train or test)")
+    return val
+
+
+def image_name(example) -> str:
+    """The submission's ``img`` of an example: 'CARID_NN.jpg'."""
+    return f"{sources.example_name(example)}.jpg"
+
+
+def write_per_image(path: str, names: Sequence[str], scores: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["img", "dice"])
+        writer.writerows((name, repr(float(s))) for name, s in zip(names, scores))
+
+
+def _plot_photo(example) -> tuple[np.ndarray, object]:
+    """(the photo at PLOT_HW, its mask source or None) of an example."""
+    import cv2
+    parts = pipeline.element_parts(example)
+    photo, _ = augment.decode_image(parts.image, PLOT_HW, parts.name)
+    return cv2.resize(photo, PLOT_HW[::-1], interpolation=cv2.INTER_AREA), parts
+
+
+def plot_worst(records: Sequence, scores: np.ndarray, worst: dict[int, np.ndarray], out_path: str) -> None:
+    """The photos of ``worst`` ({record index: bit-packed predicted mask}), lowest Dice first, with truth
+    and prediction overlaid."""
+    import cv2
+    photos, truths, preds, titles = [], [], [], []
+    for index in sorted(worst, key=lambda i: scores[i]):
+        photo, parts = _plot_photo(records[index])
+        shape = rle.FULL_SHAPE
+        mask = np.unpackbits(worst[index], count=shape[0] * shape[1]).reshape(shape)
+        truth = parts.mask.decode(shape, image_name=parts.name)
+        photos.append(photo)
+        truths.append(cv2.resize(truth, PLOT_HW[::-1], interpolation=cv2.INTER_NEAREST))
+        preds.append(cv2.resize(mask, PLOT_HW[::-1], interpolation=cv2.INTER_NEAREST))
+        titles.append(f"{image_name(records[index])}  Dice {scores[index]:.4f}")
+    if photos:
+        plots.plot_worst(photos, truths, preds, titles, out_path)
+
+
+def score(ensemble: predict.Ensemble, records: Sequence, config, out_dir: str, progress: bool = True) -> np.ndarray:
+    """Per-image Dice at 1918×1280, written to OUT_DIR/per_image.csv with a histogram and the worst photos."""
+    scores, worst = ensemble.dice(records, config, progress=progress, keep_worst=WORST)
+    names = [image_name(r) for r in records]
+    write_per_image(os.path.join(out_dir, "per_image.csv"), names, scores)
+    plots.plot_dice_histogram(scores, os.path.join(out_dir, "dice_histogram.png"))
+    plot_worst(records, scores, worst, os.path.join(out_dir, "worst.png"))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- submission
+
+def encode_packed(packed: np.ndarray, shape: tuple[int, int] = rle.FULL_SHAPE) -> str:
+    """RLE of a bit-packed row-major mask (``steps.pack_masks``)."""
+    if hasattr(rle, "encode_packed"):
+        return rle.encode_packed(packed, shape)
+    return rle.encode(np.unpackbits(packed, count=shape[0] * shape[1]))
+
+
+HEADER = b"img,rle_mask\n"
+
+
+def _valid_rle(text: bytes, size: int) -> bool:
+    try:
+        starts, lengths = rle.parse(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not starts.size:
+        return True
+    ends = starts + lengths
+    return bool(starts[0] >= 1 and lengths.min() >= 1 and ends[-1] - 1 <= size and np.all(starts[1:] > ends[:-1]))
+
+
+def finished_rows(path: str, names: Sequence[str], shape: tuple[int, int] = rle.FULL_SHAPE) -> tuple[int, int]:
+    """(rows, bytes) of the longest well-formed prefix of a (partial) submission: the header, then one
+    ``name,rle`` line per image in ``names`` order, each ending in a newline, with runs that are in order
+    and inside the mask. A torn or malformed line and everything after it are not counted."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(HEADER):
+        return 0, 0
+    rows, offset, size = 0, len(HEADER), shape[0] * shape[1]
+    while rows < len(names):
+        end = data.find(b"\n", offset)
+        if end < 0:
+            break
+        name, comma, text = data[offset:end].partition(b",")
+        if not comma or name != names[rows].encode() or not _valid_rle(text, size):
+            break
+        rows, offset = rows + 1, end + 1
+    return rows, offset
+
+
+def validate_submission(path: str, names: Sequence[str]) -> list[str]:
+    """Problems with a finished submission (empty when valid): carvana_jax.score's checks."""
+    from carvana_jax import score as score_lib
+    return score_lib.validate_submission(path, list(names))
+
+
+def _resume(partial: str, state_path: str, names: Sequence[str], settings: dict) -> int:
+    """Rows of ``partial`` to keep (it is truncated after them), or 0 after starting it afresh."""
+    if os.path.exists(partial) and os.path.exists(state_path):
+        with open(state_path) as f:
+            saved = json.load(f)
+        if saved != settings:
+            differs = ", ".join(k for k in settings if saved.get(k) != settings[k])
+            raise kaggle.DataError(f"{partial} was written by a different prediction ({differs} differ); "
+                                   "delete it (and its .json) to start again, or choose another --out")
+        rows, offset = finished_rows(partial, names)
+        if rows:
+            with open(partial, "r+b") as f:
+                f.truncate(offset)
+            return rows
+    with open(partial, "wb") as f:
+        f.write(HEADER)
+    tmp = state_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f)
+    os.replace(tmp, state_path)
+    return 0
+
+
+def write_submission(ensemble: predict.Ensemble, records: Sequence, config, out_path: str, *,
+                     settings: dict | None = None, stop_after: int | None = None, rle_threads: int | None = None,
+                     batch_size: int | None = None, num_workers: int | None = None, progress: bool = True) -> dict:
+    """Predict every record and stream ``img,rle_mask`` rows in order into OUT.partial; rename it to OUT
+    only once every row is in and it validates.
+
+    Stages overlap: grain workers decode, the devices predict, up-sample, threshold and bit-pack with
+    batches in flight (``Ensemble.packed_masks``), a thread pool encodes the RLE, and this thread writes
+    the rows in order, flushed at least every FLUSH_EVERY_S. A rerun after an interruption keeps the
+    partial's well-formed rows (``finished_rows``) and predicts only the rest; OUT.partial.json holds the
+    ``settings`` the rows were made with, and a rerun with other settings is refused. ``stop_after``
+    stops after that many rows are written, as a pre-emption would. Returns {'rows', 'predicted',
+    'resumed_from', 'complete', 'seconds'}."""
+    names = [image_name(r) for r in records]
+    out_path = os.path.abspath(out_path)
+    partial, state_path = out_path + ".partial", out_path + ".partial.json"
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    if os.path.exists(out_path):
+        os.remove(out_path)  # a failed run must not leave an older, complete-looking submission behind
+    done = _resume(partial, state_path, names, settings or {})
+    todo = records[done:]
+    shape = rle.FULL_SHAPE
+    threads = rle_threads or max(1, min(8, os.cpu_count() or 1))
+    max_pending = 4 * (batch_size or config.eval_batch_size)  # encoded rows waiting: bounds host memory
+    rows, predicted, start = done, 0, time.perf_counter()
+    pending: collections.deque = collections.deque()
+
+    def write_ready(f, block: bool) -> bool:
+        """Write finished rows from the head of ``pending``; False once ``stop_after`` rows are written."""
+        nonlocal rows
+        while pending and (block or pending[0][1].done()):
+            if stop_after is not None and rows - done >= stop_after:
+                return False
+            name, future = pending.popleft()
+            f.write(f"{name},{future.result()}\n")
             rows += 1
             bar.update(1)
-    if rows != total:
-        os.remove(tmp)
-        raise kaggle.DataError(f"only {rows} of {total} test images could be predicted; no submission written")
-    os.replace(tmp, out_path)
-    print(f"wrote {rows} rows in {time.perf_counter() - start:.1f}s")
-    return rows
+        return True
+
+    bar = tqdm(total=len(names), initial=done, unit="img", desc="test", disable=not progress, smoothing=0.1)
+    last_flush = time.perf_counter()
+    stopped = False
+    with open(partial, "a", newline="") as f, concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        try:
+            for indices, packed in ensemble.packed_masks(todo, config, batch_size, num_workers):
+                predicted += len(indices)
+                pending.extend((names[done + int(i)], pool.submit(encode_packed, p, shape))
+                               for i, p in zip(indices, packed))
+                if not write_ready(f, block=len(pending) > max_pending):
+                    stopped = True
+                    break
+                if time.perf_counter() - last_flush > FLUSH_EVERY_S:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    last_flush = time.perf_counter()
+            stopped = stopped or not write_ready(f, block=True)
+        finally:
+            bar.close()
+            for _, future in pending:
+                future.cancel()
+            f.flush()
+            os.fsync(f.fileno())
+    result = {"rows": rows, "predicted": predicted, "resumed_from": done, "complete": False,
+              "seconds": time.perf_counter() - start}
+    if stopped:
+        return result
+    if rows != len(names):
+        raise kaggle.DataError(f"only {rows} of {len(names)} test images could be predicted (unreadable files "
+                               f"skipped); no submission written, {partial} kept")
+    problems = validate_submission(partial, names)
+    if problems:
+        os.replace(partial, out_path + ".invalid")
+        os.remove(state_path)
+        raise kaggle.DataError(f"the submission failed validation ({'; '.join(problems[:3])}); "
+                               f"kept as {out_path}.invalid, no {out_path} written")
+    os.replace(partial, out_path)
+    os.remove(state_path)
+    result["complete"] = True
+    return result
 
 
-def evaluate(ckpt: str, split: str = "val", data_dir: str | None = None, out: str | None = None,
+# ---------------------------------------------------------------------------------------------- command
+
+def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None = None, out: str | None = None,
              tta: str = "none", step: int | None = None, data_source: str | None = None,
-             tfds_dir: str | None = None) -> dict:
+             tfds_dir: str | None = None, threshold: float | None = None, progress: bool = True,
+             **submission_kw) -> dict:
+    """Score (val/train) or predict the test photos (test) with one checkpoint or an ensemble of several."""
+    ckpts = [ckpt] if isinstance(ckpt, str) else list(ckpt)
     mesh = parallel.make_mesh()
-    config, variables, apply_fn, step = load_checkpoint(ckpt, step, mesh)
+    config, ensemble, loaded = load_ensemble(ckpts, step, mesh, threshold, tta)
     for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir)):
         if value is not None:
             config[key] = value
-    hflip = tta == "hflip"
-    if split == "val":
-        _, val_records = sources.train_and_val(config)
-        if not val_records:
-            raise kaggle.DataError("the checkpoint was trained with val_fraction=0: no held-out cars to score "
-                                   "(train with --config.val_fraction=0.1, or use --split test)")
-        scores = predict.val_dice(variables, apply_fn, val_records, config, mesh, hflip_tta=hflip, progress=True)
-        result = {"split": "val", "step": step, "images": int(np.isfinite(scores).sum()),
-                  "dice": float(np.nanmean(scores)), "tta": tta}
-        print(f"validation Dice at 1918x1280: {result['dice']:.5f} over {result['images']} images "
-              f"(checkpoint step {step}, tta={tta})")
+    records = records_for(split, config)
+    workdir = ckpt_workdir(ckpts[0])
+    steps = [at for _, at in loaded]
+    about = f"{len(ckpts)} checkpoint{'s' if len(ckpts) > 1 else ''} (steps {steps}), tta={tta}, " \
+            f"threshold={ensemble.threshold}"
+    if split in ("val", "train"):
+        out_dir = out or os.path.join(workdir, f"eval_{split}")
+        scores = score(ensemble, records, config, out_dir, progress)
+        result = {"split": split, "step": steps[0], "steps": steps, "images": int(np.isfinite(scores).sum()),
+                  "dice": float(np.nanmean(scores)), "tta": tta, "threshold": ensemble.threshold, "out": out_dir}
+        print(f"{split} Dice at 1918x1280: {result['dice']:.5f} over {result['images']} images ({about}); "
+              f"per-image Dice and plots in {out_dir}")
         return result
-    records = sources.test_examples(config)
-    out = out or os.path.join(os.path.dirname(checkpoint_dir(os.path.abspath(ckpt))), "submission.csv")
-    rows = write_submission(predict.predict_masks(variables, apply_fn, records, config, mesh, hflip_tta=hflip),
-                            len(records), out)
-    print(f"submission: {out} ({rows} images, checkpoint step {step}, tta={tta})")
-    return {"split": "test", "step": step, "images": rows, "submission": out}
+    out = out or os.path.join(workdir, "submission.csv")
+    settings = {"checkpoints": [[path, at] for path, at in loaded], "tta": tta, "threshold": ensemble.threshold,
+                "images": len(records)}
+    stats = write_submission(ensemble, records, config, out, settings=settings, progress=progress, **submission_kw)
+    if stats["complete"]:
+        rate = stats["predicted"] / max(stats["seconds"], 1e-9)
+        resumed = f", resumed after {stats['resumed_from']}" if stats["resumed_from"] else ""
+        print(f"submission: {out} ({stats['rows']} images, {rate:.1f} images/s{resumed}; {about}), validated")
+    return {"split": "test", "step": steps[0], "steps": steps, "images": stats["rows"], "submission": out, **stats}
 
 
 def main(argv) -> None:
@@ -113,7 +384,7 @@ def main(argv) -> None:
     from carvana_jax import cli
     with cli.friendly_errors():
         evaluate(FLAGS.ckpt, FLAGS.split, FLAGS.data_dir, FLAGS.out, FLAGS.tta, FLAGS.step, FLAGS.data_source,
-                 FLAGS.tfds_dir)
+                 FLAGS.tfds_dir, FLAGS.threshold)
 
 
 if __name__ == "__main__":

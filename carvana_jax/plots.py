@@ -7,8 +7,8 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -81,3 +81,33 @@ def _save(fig, out_path: str) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, out_path)
+
+
+def plot_dice_histogram(scores, out_path: str) -> None:
+    """Histogram of per-image Dice (NaN, unreadable images, left out), the mean marked."""
+    scores = np.asarray(scores, float)
+    scores = scores[np.isfinite(scores)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if scores.size:
+        low = min(float(scores.min()), 0.999)
+        ax.hist(scores, bins=np.linspace(low, 1.0, 41), color="tab:blue")
+        ax.axvline(float(scores.mean()), color="tab:red", label=f"mean {scores.mean():.5f}")
+        ax.legend()
+    ax.set(xlabel="Dice at 1918×1280", ylabel="images", title=f"Per-image Dice ({scores.size} images)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
+def plot_worst(images, truths, preds, titles, out_path: str, cols: int = 3) -> None:
+    """A grid of photos with the truth tinted green and the predicted outline in red, one title each."""
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, truth, pred, title in zip(axes.flat, images, truths, preds, titles):
+        ax.imshow(overlay(image, truth, pred))
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, out_path)

@@ -1,53 +1,191 @@
-"""Batched prediction over records on all devices: full-resolution Dice or full-resolution masks."""
+"""Batched prediction over records on all devices: full-resolution Dice, masks, or bit-packed masks.
+
+An ``Ensemble`` is one or more models, each with its own input size. Every photo is decoded once per
+JPEG DCT scale its models need (one decode when they share a scale, as 768² and 1024² do) and warped
+to each model's size exactly as a single model's pipeline would; on the devices each model predicts
+at its size, its probabilities are up-sampled to 1918×1280, averaged over models (and over the h-flip
+with TTA) and thresholded. ``packed_masks`` keeps batches in flight on the devices and brings back
+only the bit-packed masks (306,880 bytes an image instead of 2.4 MB).
+"""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import grain
 import numpy as np
 from tqdm import tqdm
 
 from carvana_jax import parallel, steps
-from carvana_jax.data import pipeline
-from carvana_jax.data.kaggle import Record
+from carvana_jax.data import augment, pipeline
+from carvana_jax.data.kaggle import DataError, Record
+
+IN_FLIGHT = 2  # device batches dispatched ahead of the one being brought back
 
 
-def _device_batches(records, config, mesh, batch_size, num_workers=None):
-    """(device batch padded to the mesh, number of real rows, their record indices) in record order."""
-    batches = iter(pipeline.eval_dataset(records, config, batch_size, num_workers))
-    try:
-        for batch in batches:
-            indices = batch.pop("index")
-            padded, n = parallel.pad_to_multiple(batch, mesh.devices.size)
-            yield parallel.shard_batch(padded, mesh), n, indices
-    finally:
-        batches.close()  # stops grain's workers even when the caller stops early
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: its variables (on the devices), apply function and input (H, W)."""
+    variables: Any
+    apply_fn: Callable
+    image_size: tuple[int, int]
+
+
+class LoadAtSizes(grain.transforms.MapWithIndex):
+    """Element → {'image0', 'image1', …: the photo at each size, 'index', 'mask_full' when known}.
+
+    The JPEG is decoded once per DCT scale (``augment.dct_scale``) and each size is warped from the
+    decode its own pipeline (``pipeline.LoadForEval``) would use, so every image equals that pipeline's.
+    """
+
+    def __init__(self, sizes, skip_bad_files: bool = False):
+        self.sizes = [tuple(s) for s in sizes]
+        self.skip_bad_files = skip_bad_files
+
+    def map_with_index(self, index: int, element):
+        try:
+            parts = pipeline.element_parts(element)
+            data = augment.read_bytes(parts.image, parts.name)
+            what = augment.source_name(parts.image, parts.name)
+            header = augment.jpeg_header(data)
+            decoded, item, full_hw = {}, {"index": np.int64(index)}, None
+            for i, size in enumerate(self.sizes):
+                scale = augment.dct_scale(header, size) if header else size
+                if scale not in decoded:
+                    decoded[scale] = augment.decode_image(data, size, what)
+                photo, full_hw = decoded[scale]
+                matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], size)
+                item[f"image{i}"] = augment.warp(photo, matrix, size)
+            if parts.mask is not None:
+                item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
+        except DataError as e:
+            if not self.skip_bad_files:
+                raise
+            return pipeline._bad(e)
+        return item
+
+
+class Ensemble:
+    """Models whose full-resolution probabilities are averaged, then thresholded, on all devices."""
+
+    def __init__(self, members: list[Member], mesh, threshold: float = 0.5, hflip_tta: bool = False):
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members, self.mesh = list(members), mesh
+        self.threshold, self.hflip_tta = float(threshold), bool(hflip_tta)
+        self.sizes = list(dict.fromkeys(tuple(m.image_size) for m in members))  # distinct, in order
+        self.variables = tuple(m.variables for m in members)
+        keys = ("image",) if len(self.sizes) == 1 else tuple(f"image{i}" for i in range(len(self.sizes)))
+        self._kw = {"apply_fns": tuple(m.apply_fn for m in members), "hflip_tta": self.hflip_tta,
+                    "image_keys": tuple(keys[self.sizes.index(tuple(m.image_size))] for m in members)}
+
+    @functools.cached_property
+    def masks_fn(self) -> Callable:
+        """(variables, device batch) → uint8 masks (B, 1280, 1918)."""
+        return parallel.data_parallel_map(
+            functools.partial(steps.ensemble_masks, threshold=self.threshold, **self._kw), self.mesh)
+
+    @functools.cached_property
+    def packed_fn(self) -> Callable:
+        """(variables, device batch) → bit-packed masks (B, 306880)."""
+        return parallel.data_parallel_map(
+            functools.partial(steps.ensemble_packed_masks, threshold=self.threshold, **self._kw), self.mesh)
+
+    @functools.cached_property
+    def dice_fn(self) -> Callable:
+        """(variables, device batch with 'mask_full') → (per-image Dice (B,), bit-packed masks (B, 306880))."""
+        return parallel.data_parallel_map(
+            functools.partial(steps.ensemble_dice, threshold=self.threshold, **self._kw), self.mesh)
+
+    def dataset(self, records, config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
+        """In-order batches of every record at every model size: ``pipeline.LoadForEval`` (the eval pipeline's
+        map) when all models share one size, else ``LoadAtSizes``."""
+        workers = config.num_workers if num_workers is None else num_workers
+        if len(self.sizes) == 1:
+            transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files)
+        else:
+            transform = LoadAtSizes(self.sizes, config.skip_bad_files)
+        ds = grain.MapDataset.source(records).map_with_index(transform)
+        return pipeline.parallel(ds, workers, batch_size).filter(pipeline._is_good).batch(batch_size)
+
+    def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None
+                       ) -> Iterator[tuple[dict, int, np.ndarray]]:
+        """(device batch padded to the mesh, number of real rows, their record indices) in record order."""
+        batches = iter(self.dataset(records, config, batch_size or config.eval_batch_size, num_workers))
+        try:
+            for batch in batches:
+                indices = batch.pop("index")
+                padded, n = parallel.pad_to_multiple(batch, self.mesh.devices.size)
+                yield parallel.shard_batch(padded, self.mesh), n, indices
+        finally:
+            batches.close()  # stops grain's workers even when the caller stops early
+
+    def dice(self, records, config, *, progress: bool = False, keep_worst: int = 0
+             ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """(per-record Dice at 1918×1280, NaN for a record skipped as unreadable; {record index: bit-packed
+        mask} of the ``keep_worst`` lowest-scoring records, kept as they go by)."""
+        scores = np.full(len(records), np.nan)
+        worst: dict[int, np.ndarray] = {}
+        bar = tqdm(total=len(records), desc="Dice", unit="img", disable=not progress, leave=False)
+        for batch, n, indices in self.device_batches(records, config):
+            dice, packed = self.dice_fn(self.variables, batch)
+            scores[indices] = parallel.to_host(dice)[:n]
+            if keep_worst:
+                packed = parallel.to_host(packed)
+                worst.update((int(i), packed[j]) for j, i in enumerate(indices[:n]))
+                worst = dict(sorted(worst.items(), key=lambda kv: scores[kv[0]])[:keep_worst])
+            bar.update(n)
+        bar.close()
+        return scores, worst
+
+    def masks(self, records, config) -> Iterator[tuple[int, np.ndarray]]:
+        """(record index, binary uint8 1280×1918 mask) for each record, in order (the simple path)."""
+        for batch, n, indices in self.device_batches(records, config):
+            masks = parallel.to_host(self.masks_fn(self.variables, batch))
+            for i in range(n):
+                yield int(indices[i]), masks[i]
+
+    def packed_masks(self, records, config, batch_size: int | None = None, num_workers: int | None = None,
+                     in_flight: int = IN_FLIGHT) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(record indices, their bit-packed masks (n, 306880) uint8) batch by batch, in order.
+
+        Device work is dispatched asynchronously and its result starts copying to the host at once;
+        batch k is waited for only after batches k+1 … k+in_flight are dispatched, so the devices,
+        the input pipeline and whatever the caller does with batch k overlap."""
+        pending = collections.deque()
+        for batch, n, indices in self.device_batches(records, config, batch_size, num_workers):
+            packed = self.packed_fn(self.variables, batch)
+            packed.copy_to_host_async()
+            pending.append((packed, n, indices))
+            if len(pending) > in_flight:
+                yield _host(*pending.popleft())
+        while pending:
+            yield _host(*pending.popleft())
+
+
+def _host(packed, n: int, indices) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(indices[:n]), parallel.to_host(packed)[:n]
+
+
+def single(variables, apply_fn, config, mesh, hflip_tta: bool = False) -> Ensemble:
+    """An ensemble of one model at ``config.image_size`` with ``config.threshold``."""
+    return Ensemble([Member(variables, apply_fn, tuple(config.image_size))], mesh, config.threshold, hflip_tta)
 
 
 def val_dice(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False,
              progress=False) -> np.ndarray:
     """Per-record Dice at 1918×1280 (NaN for a record skipped as unreadable)."""
-    fn = parallel.data_parallel_map(
-        functools.partial(steps.eval_dice, apply_fn=apply_fn, threshold=config.threshold, hflip_tta=hflip_tta), mesh)
-    scores = np.full(len(records), np.nan)
-    bar = tqdm(total=len(records), desc="val Dice", unit="img", disable=not progress, leave=False)
-    for batch, n, indices in _device_batches(records, config, mesh, config.eval_batch_size):
-        scores[indices] = parallel.to_host(fn(variables, batch))[:n]
-        bar.update(n)
-    bar.close()
-    return scores
+    return single(variables, apply_fn, config, mesh, hflip_tta).dice(records, config, progress=progress)[0]
 
 
 def predict_masks(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False
                   ) -> Iterator[tuple[Record, np.ndarray]]:
     """(record, binary uint8 1280×1918 mask) for each record, in order."""
-    fn = parallel.data_parallel_map(
-        functools.partial(steps.full_res_masks, apply_fn=apply_fn, threshold=config.threshold, hflip_tta=hflip_tta),
-        mesh)
-    for batch, n, indices in _device_batches(records, config, mesh, config.eval_batch_size):
-        masks = parallel.to_host(fn(variables, batch["image"]))
-        for i in range(n):
-            yield records[indices[i]], masks[i]
+    for index, mask in single(variables, apply_fn, config, mesh, hflip_tta).masks(records, config):
+        yield records[index], mask
 
 
 def model_size_predictions(variables, apply_fn, images: np.ndarray, mesh, threshold: float) -> np.ndarray:

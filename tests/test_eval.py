@@ -1,16 +1,20 @@
-"""Evaluation and submission from a real checkpoint on disk."""
+"""Evaluation and submission from real checkpoints on disk: one model, ensembles, TTA, the command."""
 import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, predict, rle, train
+from carvana_jax import parallel, predict, rle, steps, train
 from carvana_jax.checkpoint import CheckpointError
-from carvana_jax.data import augment, kaggle
+from carvana_jax.data import augment, kaggle, pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +29,89 @@ def workdir(tmp_path_factory, kaggle_dir):
     return path
 
 
-def test_val_dice_equals_an_independent_full_resolution_computation(workdir, kaggle_dir):
-    result = eval_lib.evaluate(workdir, split="val")
+@pytest.fixture(scope="module")
+def workdir_b(workdir, tmp_path_factory):
+    """A checkpoint of another config: the same fully convolutional weights, stored with a 96×176 input size
+    and threshold 0.4 (its photos decode at 1/4 scale, the first model's at 1/8). Nothing to train."""
+    path = tmp_path_factory.mktemp("eval") / "run_b"
+    shutil.copytree(workdir, path)
+    meta = path / "checkpoints" / "3" / "config" / "metadata"
+    config = json.loads(meta.read_text())
+    config.update(image_size=[96, 176], threshold=0.4)
+    meta.write_text(json.dumps(config))
+    return str(path)
+
+
+def _dice(pred, truth):
+    inter, total = np.logical_and(pred, truth).sum(), pred.sum() + truth.sum()
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+def _per_image(folder):
+    with open(os.path.join(folder, "per_image.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["img", "dice"]
+    return {name: float(d) for name, d in rows[1:]}
+
+
+def test_val_dice_and_per_image_csv_equal_an_independent_full_resolution_computation(workdir, kaggle_dir, tmp_path):
+    result = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "ev"), progress=False)
     config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
-    scores = []
+    scores = {}
     for record, pred in predict.predict_masks(variables, apply_fn, val_records, config, parallel.make_mesh()):
         truth = augment.decode_mask(record.mask_path)
         assert pred.shape == truth.shape == (1280, 1918)
-        inter, total = np.logical_and(pred, truth).sum(), pred.sum() + truth.sum()
-        scores.append(1.0 if total == 0 else 2 * inter / total)
+        scores[f"{record.name}.jpg"] = _dice(pred, truth)
     assert result["images"] == len(val_records) == 16
-    assert result["dice"] == pytest.approx(np.mean(scores), abs=1e-6)
+    assert result["dice"] == pytest.approx(np.mean(list(scores.values())), abs=1e-6)
+    per_image = _per_image(tmp_path / "ev")
+    assert list(per_image) == list(scores)
+    np.testing.assert_allclose(list(per_image.values()), list(scores.values()), atol=1e-6)
+    for plot in ("dice_histogram.png", "worst.png"):
+        assert (tmp_path / "ev" / plot).stat().st_size > 10_000
 
 
-def test_hflip_tta_runs_and_changes_the_prediction(workdir):
-    plain = eval_lib.evaluate(workdir, split="val")
-    flipped = eval_lib.evaluate(workdir, split="val", tta="hflip")
+def test_default_output_folder_is_next_to_the_checkpoint_and_train_scores_every_training_photo(workdir):
+    result = eval_lib.evaluate(os.path.join(workdir, "checkpoints", "3"), split="train", progress=False)
+    assert result["out"] == os.path.join(workdir, "eval_train") and result["images"] == 48
+    assert len(_per_image(result["out"])) == 48
+
+
+def test_ensemble_of_two_input_sizes_with_hflip_runs_end_to_end_and_equals_the_mean_of_probabilities(
+        workdir, workdir_b, kaggle_dir, tmp_path):
+    result = eval_lib.evaluate([workdir, workdir_b], split="val", tta="hflip", out=str(tmp_path / "ev"),
+                               progress=False)
+    assert result["steps"] == [3, 3] and 0.0 < result["dice"] <= 1.0 and result["images"] == 16
+    assert result["threshold"] == 0.5  # the first checkpoint's
+    mesh = parallel.make_mesh()
+    config, _, _, _ = eval_lib.load_checkpoint(workdir)
+    _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
+    records = val_records[:3]
+    probs = []
+    for path in (workdir, workdir_b):  # each model's own full-resolution probabilities, computed on its own
+        own_config, variables, apply_fn, _ = eval_lib.load_checkpoint(path)
+        fn = parallel.data_parallel_map(
+            lambda v, x, f=apply_fn: steps.upsample(steps.predict_probs(v, x, f, hflip_tta=True)), mesh)
+        batch = next(iter(pipeline.eval_dataset(records, own_config, 4, 0)))["image"]
+        padded, n = parallel.pad_to_multiple({"image": batch}, mesh.devices.size)
+        probs.append(parallel.to_host(fn(variables, parallel.shard_batch(padded, mesh)["image"]))[:n])
+    expected = ((probs[0] + probs[1]) / 2 > config.threshold)
+    per_image = _per_image(tmp_path / "ev")
+    for record, pred in zip(records, expected):
+        assert per_image[f"{record.name}.jpg"] == pytest.approx(_dice(pred, augment.decode_mask(record.mask_path)),
+                                                                abs=1e-5)
+
+
+def test_hflip_tta_runs_and_changes_the_prediction(workdir, tmp_path):
+    plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "a"), progress=False)
+    flipped = eval_lib.evaluate(workdir, split="val", tta="hflip", out=str(tmp_path / "b"), progress=False)
     assert 0.0 <= flipped["dice"] <= 1.0 and flipped["dice"] != plain["dice"]
 
 
 def test_submission_lists_every_test_image_once_in_order_with_decodable_masks(workdir, kaggle_dir, tmp_path):
     out = str(tmp_path / "submission.csv")
-    eval_lib.evaluate(workdir, split="test", out=out)
+    eval_lib.evaluate(workdir, split="test", out=out, progress=False)
     with open(out, newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["img", "rle_mask"]
@@ -66,7 +130,7 @@ def test_a_missing_test_image_is_named_and_leaves_no_submission(workdir, kaggle_
     os.remove(data / "test" / victim)
     out = tmp_path / "submission.csv"
     with pytest.raises(kaggle.DataError, match=victim):
-        eval_lib.evaluate(workdir, split="test", data_dir=str(data), out=str(out))
+        eval_lib.evaluate(workdir, split="test", data_dir=str(data), out=str(out), progress=False)
     assert not out.exists()
 
 
@@ -88,3 +152,26 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_a_clear_error(workd
     meta.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not fit"):
         eval_lib.load_checkpoint(str(broken))
+
+
+def _eval_command(*args):
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    return subprocess.run([sys.executable, "-m", "carvana_jax.eval", *args], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_with_a_ckpt_pointing_at_nothing_says_so_in_one_line(tmp_path):
+    proc = _eval_command("--ckpt", str(tmp_path / "nope"), "--split", "test")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nope" in errors[0] and "no such folder" in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_command_writes_a_validated_submission_for_an_ensemble(workdir, workdir_b, tmp_path):
+    out = tmp_path / "sub.csv"
+    proc = _eval_command("--ckpt", workdir, "--ckpt", workdir_b, "--split", "test", "--tta", "hflip",
+                         "--threshold", "0.4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "validated" in proc.stdout and "threshold=0.4" in proc.stdout
+    assert out.exists() and not os.path.exists(str(out) + ".partial")
