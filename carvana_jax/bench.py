@@ -4,6 +4,8 @@
                                       [--steps 30] [--warmup 3] [--json] [--torch]
     python -m carvana_jax.bench pipeline --data_dir D --image_size 768,768 --num_workers N --batches K
                                       [--batch_size B] [--json] [--dump FILE.npz] [--rounds R]
+    python -m carvana_jax.bench predict --ckpt DIR [--ckpt DIR2] --data_dir D --n N [--num_workers W]
+                                      [--batch_size B] [--rle_threads T] [--tta hflip] [--rounds R] [--json]
 
 ``train`` times the real data-parallel train step (steps.train_step under parallel.data_parallel, over all
 local devices) on random uint8 batches of the config's global batch_size and image_size that are already on
@@ -16,6 +18,10 @@ CPU in the same process, one torch step after each JAX step, so both see the sam
 decode-only limit and a straightforward PIL pipeline on the same photos, with a per-stage breakdown
 (bench_pipeline.py says exactly what each figure is). The config (default configs/demo.py) gives the
 augmentation ranges and seed; --image_size, --batch_size and --num_workers override it.
+
+``predict`` times writing a submission for the first N test photos end to end (eval.write_submission)
+against each of its stages on its own over the same photos, and one mask's RLE against the
+straightforward numpy version (bench_predict.py says exactly what each figure is).
 """
 from __future__ import annotations
 
@@ -54,6 +60,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 1, "pipeline: repeat every measurement this many times, interleaved; "
                          "the medians are reported.")
     flags.DEFINE_bool("baseline", True, "pipeline: also time the straightforward PIL pipeline (--nobaseline skips it).")
+    # predict (also --data_dir, --batch_size, --num_workers (default: the checkpoint's), --rounds, --json)
+    flags.DEFINE_multi_string("ckpt", None, "predict: checkpoint(s) as eval --ckpt takes them.")
+    flags.DEFINE_integer("n", 64, "predict: test photos (the first N in sample_submission order).")
+    flags.DEFINE_integer("rle_threads", None, "predict: RLE encoding threads (default: as eval, min(8, CPUs)).")
+    flags.DEFINE_enum("tta", "none", ["none", "hflip"], "predict: test-time augmentation.")
+    flags.DEFINE_string("cpu_size", "1024,1024", "predict: H,W at which the per-image decode+resize CPU cost "
+                        "is also measured (for projections to a bigger model).")
 
 TORCH_INSTALL = "pip install torch==2.13.0  (the CPU wheel; or pip install -e '.[bench]')"
 
@@ -265,11 +278,44 @@ def cmd_pipeline(argv: list[str]) -> None:
         bench_pipeline.print_table(result)
 
 
-COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline}
+# ---------------------------------------------------------------------------------------------- predict
+
+def cmd_predict(argv: list[str]) -> None:
+    from carvana_jax import bench_pipeline, bench_predict
+    if argv:
+        print(f"error: unexpected arguments after 'predict': {' '.join(argv)}", file=sys.stderr)
+        sys.exit(2)
+    if not FLAGS.ckpt:
+        print("error: predict needs --ckpt (a training workdir or checkpoint; repeat it for an ensemble)",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        cpu_size = bench_pipeline.parse_image_size(FLAGS.cpu_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.n < 1 or FLAGS.rounds < 1 or (FLAGS.batch_size or 1) < 1 or (FLAGS.rle_threads or 1) < 1 \
+            or FLAGS.num_workers < 0:
+        print("error: --n, --rounds, --batch_size and --rle_threads must be ≥ 1 and --num_workers ≥ 0",
+              file=sys.stderr)
+        sys.exit(2)
+    with cli.friendly_errors():
+        result = bench_predict.bench_predict(
+            FLAGS.ckpt, data_dir=FLAGS.data_dir, n=FLAGS.n, batch_size=FLAGS.batch_size,
+            num_workers=FLAGS.num_workers if FLAGS["num_workers"].present else None, rle_threads=FLAGS.rle_threads,
+            tta=FLAGS.tta, rounds=FLAGS.rounds, cpu_size=cpu_size)
+    if FLAGS.json:
+        print(json.dumps(result))
+    else:
+        bench_predict.print_table(result)
+
+
+COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "predict": cmd_predict}
 USAGE = ("usage: python -m carvana_jax.bench train --config configs/demo.py [--steps N] [--warmup N] [--json] "
          "[--torch]\n"
          "       python -m carvana_jax.bench pipeline --data_dir D --image_size 768,768 --num_workers N --batches K "
-         "[--batch_size B] [--json] [--dump FILE.npz]")
+         "[--batch_size B] [--json] [--dump FILE.npz]\n"
+         "       python -m carvana_jax.bench predict --ckpt DIR --data_dir D --n N [--json]")
 
 
 def main(argv: list[str]) -> None:

@@ -36,20 +36,28 @@ from carvana_jax.data import augment, kaggle, pipeline, sources
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
 
-flags.DEFINE_multi_string("ckpt", None, "A training workdir, its checkpoints/ folder, or one checkpoint step folder; "
-                          "repeat it to average several models' probabilities.", required=True)
-flags.DEFINE_enum("split", "val", ["val", "train", "test"], "val: Dice against the held-out cars' masks; train: "
-                  "Dice over every training photo; test: predict every test photo and write the submission CSV.")
-flags.DEFINE_string("data_dir", None, "Kaggle-layout data folder (default: the one the checkpoint was trained on).")
-flags.DEFINE_enum("data_source", None, ["folder", "tfds"], "Read the Kaggle folder or the prepared TFDS dataset "
-                  "(default: what the checkpoint was trained on).")
-flags.DEFINE_string("tfds_dir", None, "Where the TFDS dataset was prepared (default: the checkpoint's, else DATA_DIR/tfds).")
-flags.DEFINE_string("out", None, "test: the submission CSV (default CKPT_WORKDIR/submission.csv); val/train: the "
-                    "folder for per_image.csv and the plots (default CKPT_WORKDIR/eval_<split>/).")
-flags.DEFINE_enum("tta", "none", ["none", "hflip"], "Test-time augmentation: average with the h-flipped prediction.")
-flags.DEFINE_integer("step", None, "Checkpoint step to load from each --ckpt workdir (default: the best by val Dice, "
-                     "else the latest).")
-flags.DEFINE_float("threshold", None, "Probability above which a pixel is car (default: the first checkpoint's).")
+
+def define_flags() -> None:
+    """The command's flags (defined only when it runs, so importing this module adds none)."""
+    flags.DEFINE_multi_string("ckpt", None, "A training workdir, its checkpoints/ folder, or one checkpoint step "
+                              "folder; repeat it to average several models' probabilities.", required=True)
+    flags.DEFINE_enum("split", "val", ["val", "train", "test"], "val: Dice against the held-out cars' masks; "
+                      "train: Dice over every training photo; test: predict every test photo and write the "
+                      "submission CSV.")
+    flags.DEFINE_string("data_dir", None, "Kaggle-layout data folder (default: the one the checkpoint was trained on).")
+    flags.DEFINE_enum("data_source", None, ["folder", "tfds"], "Read the Kaggle folder or the prepared TFDS dataset "
+                      "(default: what the checkpoint was trained on).")
+    flags.DEFINE_string("tfds_dir", None, "Where the TFDS dataset was prepared (default: the checkpoint's, else "
+                        "DATA_DIR/tfds).")
+    flags.DEFINE_string("out", None, "test: the submission CSV (default CKPT_WORKDIR/submission.csv); val/train: the "
+                        "folder for per_image.csv and the plots (default CKPT_WORKDIR/eval_<split>/).")
+    flags.DEFINE_enum("tta", "none", ["none", "hflip"], "Test-time augmentation: average with the h-flipped "
+                      "prediction.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load from each --ckpt workdir (default: the best by val "
+                         "Dice, else the latest).")
+    flags.DEFINE_float("threshold", None, "Probability above which a pixel is car (default: the first checkpoint's).")
+
+
 FLAGS = flags.FLAGS
 
 WORST = 12  # photos drawn in worst.png
@@ -273,7 +281,8 @@ def write_submission(ensemble: predict.Ensemble, records: Sequence, config, out_
     partial's well-formed rows (``finished_rows``) and predicts only the rest; OUT.partial.json holds the
     ``settings`` the rows were made with, and a rerun with other settings is refused. ``stop_after``
     stops after that many rows are written, as a pre-emption would. Returns {'rows', 'predicted',
-    'resumed_from', 'complete', 'seconds'}."""
+    'resumed_from', 'complete', 'seconds' (all of it), 'stream_seconds' (before validation),
+    'validate_seconds'}."""
     names = [image_name(r) for r in records]
     out_path = os.path.abspath(out_path)
     partial, state_path = out_path + ".partial", out_path + ".partial.json"
@@ -323,14 +332,17 @@ def write_submission(ensemble: predict.Ensemble, records: Sequence, config, out_
                 future.cancel()
             f.flush()
             os.fsync(f.fileno())
+    elapsed = time.perf_counter() - start
     result = {"rows": rows, "predicted": predicted, "resumed_from": done, "complete": False,
-              "seconds": time.perf_counter() - start}
+              "seconds": elapsed, "stream_seconds": elapsed}
     if stopped:
         return result
     if rows != len(names):
         raise kaggle.DataError(f"only {rows} of {len(names)} test images could be predicted (unreadable files "
                                f"skipped); no submission written, {partial} kept")
+    validate_start = time.perf_counter()
     problems = validate_submission(partial, names)
+    result["validate_seconds"] = time.perf_counter() - validate_start
     if problems:
         os.replace(partial, out_path + ".invalid")
         os.remove(state_path)
@@ -338,7 +350,7 @@ def write_submission(ensemble: predict.Ensemble, records: Sequence, config, out_
                                f"kept as {out_path}.invalid, no {out_path} written")
     os.replace(partial, out_path)
     os.remove(state_path)
-    result["complete"] = True
+    result.update(complete=True, seconds=time.perf_counter() - start)
     return result
 
 
@@ -389,4 +401,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from carvana_jax import cli
+    define_flags()
     cli.run(main)

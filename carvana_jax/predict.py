@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -89,14 +90,18 @@ class Ensemble:
             functools.partial(steps.ensemble_masks, threshold=self.threshold, **self._kw), self.mesh)
 
     @functools.cached_property
-    def packed_fn(self) -> Callable:
-        """(variables, device batch) → bit-packed masks (B, 306880)."""
-        return parallel.data_parallel_map(
-            functools.partial(steps.ensemble_packed_masks, threshold=self.threshold, **self._kw), self.mesh)
+    def pack_fn(self) -> Callable:
+        """Device masks → bit-packed masks (B, 306880), as sharded as the masks (a program of its own:
+        steps.pack_masks says why)."""
+        return jax.jit(steps.pack_masks)
+
+    def packed_fn(self, variables, batch):
+        """(variables, device batch) → bit-packed masks (B, 306880); both programs dispatched asynchronously."""
+        return self.pack_fn(self.masks_fn(variables, batch))
 
     @functools.cached_property
     def dice_fn(self) -> Callable:
-        """(variables, device batch with 'mask_full') → (per-image Dice (B,), bit-packed masks (B, 306880))."""
+        """(variables, device batch with 'mask_full') → (per-image Dice (B,), masks (B, 1280, 1918))."""
         return parallel.data_parallel_map(
             functools.partial(steps.ensemble_dice, threshold=self.threshold, **self._kw), self.mesh)
 
@@ -131,10 +136,10 @@ class Ensemble:
         worst: dict[int, np.ndarray] = {}
         bar = tqdm(total=len(records), desc="Dice", unit="img", disable=not progress, leave=False)
         for batch, n, indices in self.device_batches(records, config):
-            dice, packed = self.dice_fn(self.variables, batch)
+            dice, masks = self.dice_fn(self.variables, batch)
             scores[indices] = parallel.to_host(dice)[:n]
             if keep_worst:
-                packed = parallel.to_host(packed)
+                packed = parallel.to_host(self.pack_fn(masks))
                 worst.update((int(i), packed[j]) for j, i in enumerate(indices[:n]))
                 worst = dict(sorted(worst.items(), key=lambda kv: scores[kv[0]])[:keep_worst])
             bar.update(n)

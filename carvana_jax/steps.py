@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from carvana_jax import metrics as metrics_lib
@@ -53,9 +54,29 @@ def predict_probs(variables, images, apply_fn, hflip_tta: bool = False):
     return probs
 
 
+def _lerp_along(x, axis: int, size: int):
+    """Linear interpolation of ``x`` along ``axis`` to ``size`` samples: pixel centres aligned, the
+    outermost samples repeated beyond the edges. Indices and weights are constants of the shapes."""
+    n = x.shape[axis]
+    pos = np.clip((np.arange(size) + 0.5) * (n / size) - 0.5, 0, n - 1)
+    lo = np.floor(pos).astype(np.int32)
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = jnp.asarray((pos - lo).reshape(shape), x.dtype)
+    return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
 def upsample(probs, shape=FULL_SHAPE):
-    """Bilinear (pixel-centre aligned) resize of (B, h, w) probabilities to (B, *shape)."""
-    return jax.image.resize(probs, (probs.shape[0], *shape), method="bilinear")
+    """Bilinear (pixel-centre aligned) resize of (B, h, w) probabilities to (B, *shape).
+
+    Enlarging, it is two passes of two-tap interpolation (rows, then columns): what
+    ``jax.image.resize(method='bilinear')`` computes (within 2e-5), 7x faster on the CPU than its dense
+    weight matrices (6.5 against 48 ms an image from 128x192). Shrinking any axis, jax.image.resize
+    (whose antialiasing kernel is then wider than two taps)."""
+    if probs.shape[1] > shape[0] or probs.shape[2] > shape[1]:
+        return jax.image.resize(probs, (probs.shape[0], *shape), method="bilinear")
+    return _lerp_along(_lerp_along(probs, 1, shape[0]), 2, shape[1])
 
 
 def full_res_masks(variables, images, *, apply_fn, threshold=0.5, hflip_tta=False):
@@ -79,7 +100,7 @@ def ensemble_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, sh
     for variables, apply_fn, key in zip(members, apply_fns, image_keys):
         probs = upsample(predict_probs(variables, batch[key], apply_fn, hflip_tta), shape)
         total = probs if total is None else total + probs
-    return total / len(apply_fns)
+    return total if len(apply_fns) == 1 else total / len(apply_fns)
 
 
 def ensemble_masks(members, batch, *, threshold=0.5, **kw):
@@ -89,16 +110,13 @@ def ensemble_masks(members, batch, *, threshold=0.5, **kw):
 
 def pack_masks(masks):
     """(B, H, W) binary masks → (B, H·W/8) uint8, eight row-major pixels a byte, first pixel in the high
-    bit (np.packbits' order): 8× fewer bytes to bring back to the host."""
+    bit (np.packbits' order): 8× fewer bytes to bring back to the host. Best compiled on its own:
+    fused into the program that makes the masks, XLA's CPU backend took 3x longer for both (19 against
+    7 ms an image)."""
     return jnp.packbits(masks.reshape(masks.shape[0], -1).astype(bool), axis=1)
 
 
-def ensemble_packed_masks(members, batch, **kw):
-    """``ensemble_masks`` bit-packed with ``pack_masks``."""
-    return pack_masks(ensemble_masks(members, batch, **kw))
-
-
 def ensemble_dice(members, batch, **kw):
-    """(per-image Dice at full resolution against ``batch['mask_full']``, the bit-packed masks scored)."""
+    """(per-image Dice at full resolution against ``batch['mask_full']``, the masks scored)."""
     masks = ensemble_masks(members, batch, **kw)
-    return metrics_lib.dice_per_image(masks, batch["mask_full"]), pack_masks(masks)
+    return metrics_lib.dice_per_image(masks, batch["mask_full"]), masks

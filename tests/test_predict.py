@@ -70,6 +70,16 @@ def test_pack_masks_on_the_device_round_trips():
     assert eval_lib.encode_packed(packed[1]) == rle.encode(masks[1])
 
 
+@pytest.mark.parametrize("size", [(64, 96), (5, 7), (1280, 1918)])
+def test_upsample_is_jax_image_resize_bilinear(size):
+    probs = np.random.default_rng(1).random((2, *size), dtype=np.float32)
+    ours = np.asarray(jax.jit(steps.upsample)(probs))
+    theirs = np.asarray(jax.image.resize(probs, (2, *rle.FULL_SHAPE), method="bilinear"))
+    np.testing.assert_allclose(ours, theirs, atol=3e-5)
+    shrink = np.random.default_rng(2).random((1, 1280, 1920), dtype=np.float32)  # configs/fullres.py's width
+    np.testing.assert_array_equal(steps.upsample(shrink), jax.image.resize(shrink, (1, *rle.FULL_SHAPE), "bilinear"))
+
+
 def test_load_at_sizes_equals_each_sizes_own_eval_pipeline(test_records):
     both = predict.LoadAtSizes([SIZE_A, SIZE_B])
     for index in (0, 7):
