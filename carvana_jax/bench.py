@@ -30,7 +30,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from absl import flags
 
@@ -135,7 +135,8 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
     import jax
     import numpy as np
 
-    from carvana_jax import losses, optim, parallel, steps as steps_lib
+    from carvana_jax import losses, memory, optim, parallel
+    from carvana_jax import steps as steps_lib
     from carvana_jax.config import validate_config
     from carvana_jax.models import unet
     from carvana_jax.train_state import create_train_state
@@ -175,6 +176,9 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
         def torch_step():
             trainer(images, masks)
 
+    devices = mesh.devices.flatten()
+    # The CPU reports no device peak; this process's RSS growth over one (extra, untimed) first run stands in.
+    host_growth = memory.host_peak_growth(jax_step) if devices[0].platform == "cpu" else None
     for _ in range(warmup):
         jax_step()
         if torch_step:
@@ -185,8 +189,10 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
         if torch_step:
             torch_times.append(_timed(torch_step))
 
-    devices = mesh.devices.flatten()
     flops = unet_flops(config.model, image_size)
+    device_peak = memory.peak_device_bytes(devices[0])
+    estimate = memory.estimate(config, len(devices))
+    xla_bytes = memory.xla_bytes(compiled)
     result = {
         "benchmark": "train",
         "config": FLAGS["config"].config_filename if "config" in FLAGS else None,
@@ -196,7 +202,11 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
         "param_count": params, "forward_gflop_per_image": flops / 1e9,
         "steps": steps, "warmup": warmup, "compile_s": compile_s,
         "jax_version": jax.__version__,
-        "peak_memory_gb": ((devices[0].memory_stats() or {}).get("peak_bytes_in_use", 0)) / 1e9,  # 0: not reported
+        "peak_memory_gb": device_peak / 1e9 if device_peak is not None else None,  # None: the device does not say
+        "memory_estimate_gb": estimate.total / 1e9, "memory_estimate": estimate.as_dict(),
+        "memory_summary": estimate.summary(),
+        "xla_memory_gb": xla_bytes / 1e9 if xla_bytes is not None else None,
+        "host_peak_growth_gb": host_growth / 1e9 if host_growth is not None else None,
         **_summary(jax_times, config.batch_size, flops),
     }
     if with_torch:
@@ -225,6 +235,17 @@ def print_train_table(r: dict) -> None:
               f"{r[p + 'ms_per_step_mean']:13.1f} {r[p + 'gflops_per_sec']:8.2f}")
     if "jax_over_torch" in r:
         print(f"JAX / torch (images/s, same run, steps alternated): {r['jax_over_torch']:.2f}x")
+    print(r["memory_summary"])
+    print(f"memory per device: estimate {_gb(r['memory_estimate_gb'])}   peak reported by the device "
+          f"{_gb(r['peak_memory_gb'])}   XLA memory_analysis {_gb(r['xla_memory_gb'])}")
+    if r.get("host_peak_growth_gb") is not None:
+        print(f"first step's peak RSS growth {_gb(r['host_peak_growth_gb'])} (the whole process, "
+              f"{r['device_count']} CPU device(s); over the state and batch already resident)")
+
+
+def _gb(value: float | None) -> str:
+    from carvana_jax.memory import human_bytes
+    return "n/a" if value is None else human_bytes(value * 1e9)
 
 
 def cmd_train(argv: list[str]) -> None:

@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.block = "double_conv"     # 'double_conv' | 'dense'
     c.model.dense_layers = 4          # conv layers per block when block='dense'
     c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    c.model.remat = False             # recompute each block's activations in the backward pass (less memory)
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True

@@ -1,4 +1,9 @@
-"""Full resolution: 1280×1920 (the 1918-wide photo padded by the warp), batch 1 × 16 accumulated."""
+"""Full resolution: 1280×1920 (the 1918-wide photo padded by the warp), batch 1 × 16 accumulated.
+
+Memory (python -m carvana_jax.memory --config configs/fullres.py): ≈ 7.5 GB per device at batch 1, so model.remat
+stays off on an 80 GB GPU. Remat is what would let batch 16 run without accumulation: ≈ 62 GB with
+--config.model.remat=true against ≈ 82 GB without.
+"""
 from configs import unet768
 
 
@@ -9,4 +14,5 @@ def get_config():
     config.grad_accum_steps = 16
     config.model.depth = 6
     config.model.dtype = "bfloat16"
+    config.model.remat = False  # fits without at batch 1: see above
     return config

@@ -36,9 +36,9 @@ def _xla_forward_flops(model_cfg, image_size):
 
 
 @pytest.mark.parametrize("overrides, image_size", [
-    (dict(features=8, depth=3), (64, 96)),
-    (dict(features=4, depth=4, norm="none"), (96, 128)),
-    (dict(features=8, depth=2, block="dense", dense_layers=3), (32, 48)),
+    ({"features": 8, "depth": 3}, (64, 96)),
+    ({"features": 4, "depth": 4, "norm": "none"}, (96, 128)),
+    ({"features": 8, "depth": 2, "block": "dense", "dense_layers": 3}, (32, 48)),
 ])
 def test_unet_flops_matches_xla_cost_analysis(overrides, image_size):
     cfg = _model_cfg(**overrides)
@@ -64,10 +64,10 @@ def _flax_param_count(model_cfg, image_size=(32, 32)):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(features=8, depth=4),
-    dict(features=32, depth=4),
-    dict(features=4, depth=3, norm="none"),
-    dict(features=8, depth=2, block="dense", dense_layers=3),
+    {"features": 8, "depth": 4},
+    {"features": 32, "depth": 4},
+    {"features": 4, "depth": 3, "norm": "none"},
+    {"features": 8, "depth": 2, "block": "dense", "dense_layers": 3},
 ])
 def test_torch_unet_has_the_flax_parameter_count(overrides):
     pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0); "
@@ -94,7 +94,7 @@ def test_torch_train_step_runs_and_keeps_shapes():
 
 def _run(*args, env_extra=None, timeout=300):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "carvana_jax.bench", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "carvana_jax.bench", *args], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -121,3 +121,25 @@ def test_train_benchmark_prints_json():
     assert result["images_per_sec"] > 0 and result["ms_per_step_median"] > 0
     assert result["device_count"] == 2 and result["batch_size"] == 8
     assert result["param_count"] > 0 and result["forward_gflop_per_image"] > 0
+    assert result["peak_memory_gb"] is None  # the CPU does not report one: not a fake 0
+    estimate = result["memory_estimate"]
+    assert estimate["batch"] == 4 and result["memory_estimate_gb"] == pytest.approx(estimate["total"] / 1e9)
+    assert estimate["params"] >= result["param_count"] * 4  # float32 parameters (+ BatchNorm statistics)
+    assert result["xla_memory_gb"] > 0
+    if os.path.exists("/proc/self/clear_refs"):
+        assert result["host_peak_growth_gb"] > 0
+
+
+def test_train_table_prints_memory_and_na_for_an_unreported_peak(capsys):
+    from carvana_jax.bench import print_train_table
+    result = {"config": "configs/demo.py", "batch_size": 8, "image_size": [32, 48],
+              "model": {"block": "double_conv", "features": 4, "depth": 4, "dtype": "float32"},
+              "device_count": 1, "device_kind": "cpu", "platform": "cpu", "param_count": 1000,
+              "forward_gflop_per_image": 0.01, "compile_s": 1.0, "steps": 2, "warmup": 1, "jax_version": "0",
+              "images_per_sec": 10.0, "ms_per_step_median": 1.0, "ms_per_step_mean": 1.0, "gflops_per_sec": 1.0,
+              "memory_summary": "memory estimate per device (float32): total ≈ 1 GB", "memory_estimate_gb": 1.234,
+              "peak_memory_gb": None, "xla_memory_gb": 1.0, "host_peak_growth_gb": 1.5}
+    print_train_table(result)
+    out = capsys.readouterr().out
+    assert "memory estimate per device" in out and "estimate 1.23 GB" in out
+    assert "peak reported by the device n/a" in out and "RSS growth 1.5 GB" in out

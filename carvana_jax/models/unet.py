@@ -3,7 +3,10 @@
 With the defaults (depth 4, double_conv) it is the seed's network: 4 down blocks, a centre block
 and 4 up blocks of two 3×3 conv + BatchNorm + ReLU each (18 convs), then a 1×1 conv to one logit.
 BatchNorm statistics are averaged over ``axis_name`` so data-parallel training normalises by the
-global batch, exactly as one device would.
+global batch, exactly as one device would. With ``remat`` every block is wrapped in flax's lifted
+``nn.remat``: the backward pass recomputes the activations inside a block from its input instead of
+keeping them, trading about one extra forward pass for memory (carvana_jax/memory.py counts both ways);
+the parameter tree is the same either way, so a checkpoint fits both.
 """
 from __future__ import annotations
 
@@ -66,6 +69,12 @@ class DenseBlock(nn.Module):
         return nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype)(x))
 
 
+def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """The block class, or its rematerialised twin. ``train`` (argument 2, counting ``self``) is a Python bool
+    that picks BatchNorm's mode, so it must stay static rather than be traced."""
+    return nn.remat(block, static_argnums=(2,)) if remat else block
+
+
 def _upsample2x(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -78,12 +87,13 @@ class UNet(nn.Module):
     block: str = "double_conv"
     dense_layers: int = 4
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def _block(self, features: int, name: str) -> nn.Module:
         if self.block == "double_conv":
-            return DoubleConv(features, self.norm, self.dtype, name=name)
+            return _maybe_remat(DoubleConv, self.remat)(features, self.norm, self.dtype, name=name)
         if self.block == "dense":
-            return DenseBlock(features, self.norm, self.dtype, self.dense_layers, name=name)
+            return _maybe_remat(DenseBlock, self.remat)(features, self.norm, self.dtype, self.dense_layers, name=name)
         raise ValueError(f"model.block must be 'double_conv' or 'dense', got {self.block!r}")
 
     @nn.compact
@@ -108,4 +118,4 @@ def from_config(model_cfg) -> UNet:
     if model_cfg.dtype not in dtypes:
         raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_cfg.dtype!r}")
     return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
-                dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype])
+                dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat)
