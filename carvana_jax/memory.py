@@ -20,7 +20,7 @@ OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "rmsprop": 1}  # per-parameter moments
 LOSS_MAPS = 4              # float32 full-size maps around the loss: logits, probabilities, mask, their gradient
 # Gradients in flight during the backward pass, in full-size tensors of the first block's width: the one entering
 # a block, the one leaving it, the skip connection's gradient held until its down block, and the layout copies
-# and pooling indices XLA makes for the weight gradients. Fitted to XLA's buffer assignment for the CPU (8–9 across
+# and pooling indices XLA makes for the weight gradients. Fitted to XLA's buffer assignment for the CPU (7–9 across
 # the widths and depths in tests/test_memory.py); the H100 peaks in BENCHMARKS.md fall within 20% with it.
 BACKWARD_WORKING_TENSORS = 9
 

@@ -82,6 +82,21 @@ def test_remat_and_bfloat16_shrink_the_unet1024_estimate_at_least_twofold():
     assert small.activations_per_image < bf16.activations_per_image < plain.activations_per_image
 
 
+def _printed_total_gb(*args) -> float:
+    proc = subprocess.run([sys.executable, "-m", "carvana_jax.memory", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    value, unit = proc.stdout.strip().splitlines()[-1].split("total ≈ ")[1].split()
+    return float(value) * {"GB": 1, "MB": 1e-3}[unit]
+
+
+def test_the_command_prints_unet1024_twofold_smaller_with_remat_and_bfloat16():
+    plain = _printed_total_gb("--config", "configs/unet1024.py", "--config.model.dtype=float32")
+    lean = _printed_total_gb("--config", "configs/unet1024.py", "--config.model.dtype=bfloat16",
+                             "--config.model.remat=true")
+    assert plain >= 2 * lean, (plain, lean)
+
+
 def test_batch_is_per_device_and_summary_says_the_total():
     est = memory.estimate(_config(batch_size=8), num_devices=4)
     assert est.batch == 2 and est.input_batch == 2 * 128 * 192 * 4
