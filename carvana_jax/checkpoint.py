@@ -11,9 +11,9 @@ import os
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
-import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit

@@ -12,9 +12,10 @@ from ml_collections import config_flags
 from carvana_jax.checkpoint import CheckpointError
 from carvana_jax.config import ConfigError
 from carvana_jax.data.kaggle import DataError
+from carvana_jax.distributed import DistributedError
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (DataError, CheckpointError, ConfigError)
+USER_ERRORS = (DataError, CheckpointError, ConfigError, DistributedError)
 
 
 def define_config_flags(default_config: str | None = "configs/demo.py") -> None:
@@ -22,6 +23,25 @@ def define_config_flags(default_config: str | None = "configs/demo.py") -> None:
                                     "--config.KEY=VALUE.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and plots go "
                         "(default: workdirs/<config name>).")
+
+
+def define_distributed_flags() -> None:
+    """Where this process stands in a multi-process run; unset, the environment or the cluster (SLURM,
+    Open MPI) says, and without either the run is one process."""
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, which every process connects to "
+                        "(multi-process runs; default: $JAX_COORDINATOR_ADDRESS or the cluster's).")
+    flags.DEFINE_integer("num_processes", None, "Processes in the run, one per host or per GPU "
+                         "(default: $JAX_NUM_PROCESSES or the cluster's; none: one process).", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 "
+                         "(default: $JAX_PROCESS_ID or the cluster's).", lower_bound=0)
+    flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for every process to connect.", lower_bound=1)
+
+
+def initialize_distributed() -> bool:
+    """Join the other processes of the run if there are any (the flags above, else the environment)."""
+    from carvana_jax import distributed
+    return distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                  FLAGS.coordinator_timeout)
 
 
 def workdir_for(config, workdir: str | None) -> str:
@@ -50,13 +70,18 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run(main, needs_config: bool = False) -> None:
+def run(main, needs_config: bool = False, distributed: bool = False) -> None:
     """absl.app.run (grain's worker processes read absl flags), quieter logs, config flags if asked
-    (made key flags of the main module, so that --help lists them)."""
+    and the multi-process flags if asked (made key flags of the main module, so that --help lists them)."""
+    names = []
     if needs_config:
         define_config_flags()
-        for name in ("config", "workdir"):
-            FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])  # absl's name for the main module
+        names += ["config", "workdir"]
+    if distributed:
+        define_distributed_flags()
+        names += ["coordinator_address", "num_processes", "process_id", "coordinator_timeout"]
+    for name in names:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])  # absl's name for the main module
     logging.set_verbosity(logging.WARNING)
     # grain's workers leave a few prefetched elements in shared memory at shutdown; multiprocessing's
     # resource tracker (a child process, hence the environment variable) frees them and need not warn.

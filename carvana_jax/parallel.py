@@ -7,18 +7,24 @@ under jax.jit, which is what jax.pmap itself compiles to now.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from carvana_jax.config import ConfigError
 from carvana_jax.models.unet import AXIS
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh named 'data' over all devices (or the first ``num_devices``)."""
-    devices = jax.devices()
+    """A 1-D mesh named 'data' over all devices of all processes (or the first ``num_devices``).
+
+    Devices are ordered by process, so process i's devices hold rows i*local..(i+1)*local of every
+    global batch: the rows pipeline.ProcessSlice gives process i.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if num_devices is not None:
         if num_devices > len(devices):
             raise ValueError(f"asked for {num_devices} devices but only {len(devices)} exist")
@@ -26,10 +32,25 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes logs, metrics, plots and progress (process 0)."""
+    return jax.process_index() == 0
+
+
 def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
+    processes = len({d.process_index for d in mesh.devices.flat})
     if batch_size % n:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the {n} devices of the mesh")
+        where = f" ({processes} processes × {n // processes})" if processes > 1 else ""
+        raise ConfigError(f"batch_size {batch_size} must be divisible by the {n} devices of the mesh{where}")
 
 
 def data_parallel(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
@@ -55,7 +76,11 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
-    """One global array per key from this process's share of the batch (split over its devices)."""
+    """One global array per key from this process's share of the batch (split over its devices).
+
+    With several processes, process i's rows become global rows i*local..(i+1)*local (make_mesh
+    orders devices by process), so the global batch is the one a single process would have fed.
+    """
     sharding = NamedSharding(mesh, P(AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
@@ -93,8 +118,8 @@ def pad_to_multiple(batch: dict, multiple: int) -> tuple[dict, int]:
 
 
 def to_host(x) -> np.ndarray:
-    """A global array's full value on this host."""
-    if jax.process_count() > 1:
+    """A global array's full value on this host (gathered from the other processes where they hold parts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
         from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # a collective: every process calls it
     return np.asarray(jax.device_get(x))

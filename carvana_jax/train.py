@@ -4,6 +4,12 @@
 
 Re-running the same command in the same workdir resumes from its latest checkpoint, with the
 input pipeline where it was, and gives the numbers an uninterrupted run would have.
+
+Several processes (hosts, or GPUs of a host) train one model when started with
+--coordinator_address HOST:PORT --num_processes N --process_id I, by ``python -m carvana_jax.launch``,
+or under SLURM's srun: every process runs this same loop on its share of every global batch, and
+process 0 alone writes metrics, plots and progress. The global batches, hence the numbers, are the
+same whatever the number of processes and devices, and a checkpoint resumes on any number of them.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ class NonFiniteLossError(Exception):
 
 
 def _log(path: str, row: dict) -> None:
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -46,16 +52,37 @@ def _host_metrics(pending: list) -> dict:
 
 
 def _plot_validation(state, val_records, config, mesh, out_path: str) -> None:
-    """Overlays of the first few validation photos with their masks and the model's predictions."""
+    """Overlays of the first few validation photos with their masks and the model's predictions.
+
+    Every process predicts (the prediction runs on the whole mesh); process 0 draws."""
     import cv2
     records = val_records[: config.num_plot_images]
     if not records:
         return
     batch = next(iter(pipeline.eval_dataset(records, config, len(records), num_workers=0)))
     preds = predict.model_size_predictions(state.variables, state.apply_fn, batch["image"], mesh, config.threshold)
+    if not parallel.is_main_process():
+        return
     size = (config.image_size[1], config.image_size[0])
     truths = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in batch["mask_full"]]
     plots.plot_overlays(batch["image"], truths, preds, out_path, titles=[sources.example_name(r) for r in records])
+
+
+def data_checkpoint(stream_position: int) -> dict:
+    """The input pipeline's state as checkpointed: how many elements of the global training stream
+    (shuffled, repeated, augmented by index) the saved updates consumed. It names no process, device or
+    worker, so the run resumes at the same global batch on any number of them."""
+    return {"stream_position": int(stream_position)}
+
+
+def resume_point(data_state: dict | None) -> tuple[int, dict | None]:
+    """(stream position to start the pipeline at, grain iterator state to set instead): the latter only for
+    a checkpoint written before positions were stored (one process, same num_workers, as before)."""
+    if data_state is None:
+        return 0, None
+    if "stream_position" in data_state:
+        return int(data_state["stream_position"]), None
+    return 0, data_state
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | None = None,
@@ -84,9 +111,12 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
                                   "use another --workdir or the same config")
         state, data_state = ckpt.restore(latest, state)
 
-    data_iter = iter(pipeline.train_dataset(train_records, config, jax.process_index(), jax.process_count()))
-    if data_state is not None:
-        data_iter.set_state(data_state)
+    position, legacy_state = resume_point(data_state)
+    data_iter = iter(pipeline.train_dataset(train_records, config, parallel.process_index(),
+                                            parallel.process_count(), start=position))
+    if legacy_state is not None:
+        data_iter.set_state(legacy_state)
+        position = None  # unknown: such a run goes on saving grain's state
     batches = parallel.prefetch_to_mesh(data_iter, mesh, config.prefetch_batches)
     step_fn = parallel.data_parallel(
         functools.partial(steps.train_step, loss_fn=losses.get(config.loss), schedule=schedule), mesh)
@@ -95,7 +125,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
     update = int(jax.device_get(state.update_step))
     end = total if stop_after is None else min(total, stop_after)
     images_per_update = config.batch_size * accum
-    bar = tqdm(total=total, initial=update, unit="step", desc="train", disable=not progress or jax.process_index())
+    bar = tqdm(total=total, initial=update, unit="step", desc="train",
+               disable=not progress or not parallel.is_main_process())
     last = {}
     window_time, window_update = time.perf_counter(), update  # images/s over the last log window
     try:
@@ -104,6 +135,9 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
             for _ in range(accum):
                 batch, data_state = next(batches)
                 state, metrics = step_fn(state, batch)
+                if position is not None:
+                    position += config.batch_size
+                    data_state = data_checkpoint(position)
                 pending.append(metrics)
             update += 1
             due_log = update % config.log_every == 0 or update == end
@@ -122,20 +156,23 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
                 scores = predict.val_dice(state.variables, state.apply_fn, val_records, config, mesh)
                 last["val_dice"] = float(np.nanmean(scores))
                 ckpt_metrics = {"val_dice": last["val_dice"]}
-                bar.write(f"update {update}: val Dice {last['val_dice']:.5f} at 1918x1280 over {len(scores)} images")
+                if parallel.is_main_process():
+                    bar.write(f"update {update}: val Dice {last['val_dice']:.5f} at 1918x1280 "
+                              f"over {len(scores)} images")
             _log(metrics_path, last)
             window_time, window_update = time.perf_counter(), update  # evaluation and saving are not training
             if due_ckpt or due_eval:
                 ckpt.save(update, state, data_state, config, ckpt_metrics)
-            if due_eval and jax.process_index() == 0:
-                plots.plot_curves(metrics_path, os.path.join(plot_dir, "curves.png"))
+            if due_eval:
+                if parallel.is_main_process():
+                    plots.plot_curves(metrics_path, os.path.join(plot_dir, "curves.png"))
                 _plot_validation(state, val_records, config, mesh, os.path.join(plot_dir, "overlays.png"))
     finally:
         bar.close()
         data_iter.close()  # stops grain's workers and frees their shared memory
         ckpt.wait()
         ckpt.close()
-    if jax.process_index() == 0 and os.path.exists(metrics_path):
+    if parallel.is_main_process() and os.path.exists(metrics_path):
         plots.plot_curves(metrics_path, os.path.join(plot_dir, "curves.png"))
     last["state"] = state
     return last
@@ -146,11 +183,13 @@ def main(argv) -> None:
     del argv
     config, workdir = cli.FLAGS.config, cli.workdir_for(cli.FLAGS.config, cli.FLAGS.workdir)
     with cli.friendly_errors():
+        cli.initialize_distributed()  # before anything touches a device
         result = train_and_evaluate(config, workdir)
-    summary = {k: v for k, v in result.items() if k != "state"}
-    print(f"trained: {json.dumps(summary)}\nworkdir: {workdir}")
+    if parallel.is_main_process():
+        summary = {k: v for k, v in result.items() if k != "state"}
+        print(f"trained: {json.dumps(summary)}\nworkdir: {workdir}")
 
 
 if __name__ == "__main__":
     from carvana_jax import cli
-    cli.run(main, needs_config=True)
+    cli.run(main, needs_config=True, distributed=True)

@@ -33,7 +33,7 @@ from carvana_jax.data.kaggle import DataError, Record
 
 # An element of a source: a folder Record (file paths), or a TFDS example {'name', 'car_id', 'angle',
 # 'image': JPEG bytes, 'mask': GIF bytes (b'' in test), 'mask_rle': its RLE ('' in test)}.
-Element = Union[Record, Mapping]
+Element = Union[Record, Mapping]  # noqa: UP007 (a runtime alias: X | Y needs both to be types)
 
 
 class Parts(NamedTuple):
@@ -129,7 +129,7 @@ _skipped = 0
 def _bad(error: DataError) -> dict:
     global _skipped  # a per-worker count, only for the log line
     _skipped += 1
-    logging.warning("skipping bad file (%d so far in this worker): %s", _skipped, error)
+    logging.getLogger(__name__).warning("skipping bad file (%d so far in this worker): %s", _skipped, error)
     return {"bad": str(error)}
 
 
@@ -138,18 +138,21 @@ def _is_good(item) -> bool:
 
 
 class ProcessSlice(grain.MapDataset):
-    """This process's consecutive share of every global batch of ``parent``."""
+    """This process's consecutive share of every global batch of ``parent``, the global batches starting at
+    element ``start`` of ``parent`` (where a resumed run picks up, whatever the process count then)."""
 
-    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int,
+                 start: int = 0):
         super().__init__(parent)
         if global_batch % process_count:
             raise ValueError(f"batch_size {global_batch} is not divisible by {process_count} processes")
         self._global_batch = global_batch
         self._local_batch = global_batch // process_count
-        self._offset = process_index * self._local_batch
+        self._start = start
+        self._offset = start + process_index * self._local_batch
 
     def __len__(self) -> int:
-        return len(self._parent) // self._global_batch * self._local_batch
+        return max(len(self._parent) - self._start, 0) // self._global_batch * self._local_batch
 
     def __getitem__(self, index):
         batch, position = divmod(index, self._local_batch)
@@ -187,15 +190,17 @@ def parallel(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.I
                           worker_init_fn=keep_freed_memory)
 
 
-def train_dataset(records: list[Element], config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Endless training batches (this process's share) of augmented images and masks."""
+def train_dataset(records: list[Element], config, process_index: int = 0, process_count: int = 1,
+                  start: int = 0) -> grain.IterDataset:
+    """Endless training batches (this process's share) of augmented images and masks, from element ``start``
+    of the global stream (the number of elements earlier global batches took)."""
     if not records:
         raise DataError("no training images (is val_fraction too large?)")
     workers = config.num_workers
     ds = grain.MapDataset.source(records).shuffle(seed=config.seed).repeat()
     ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files), seed=config.seed)
     local_batch = config.batch_size // process_count
-    ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count), workers, local_batch)
+    ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count, start), workers, local_batch)
     return ds.filter(_is_good).batch(local_batch, drop_remainder=True)
 
 

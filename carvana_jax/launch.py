@@ -1,0 +1,166 @@
+"""Start N local processes of one command as one distributed JAX run (multi-process training on one machine).
+
+    python -m carvana_jax.launch --num_processes 2 --devices_per_process 2 -- \\
+        python -m carvana_jax.train --config configs/demo.py --workdir workdirs/demo2
+
+Each process gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
+carvana_jax.distributed reads, and its devices: JAX_NUM_CPU_DEVICES on CPU, its own CUDA_VISIBLE_DEVICES on GPU.
+Their output is forwarded line by line, prefixed with the process index. When one process fails, the others are
+stopped (they would wait for it forever in the next collective) and the launcher exits with its status.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+from carvana_jax.distributed import ENV_ADDRESS, ENV_COUNT, ENV_ID
+
+flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+flags.DEFINE_integer("devices_per_process", 1, "CPU devices (or GPUs) each process gets.", lower_bound=1)
+flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "gpu"], "cpu: JAX_NUM_CPU_DEVICES per process; gpu: "
+                  "CUDA_VISIBLE_DEVICES per process; auto: gpu where nvidia-smi lists GPUs.")
+flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).", lower_bound=0)
+flags.DEFINE_float("timeout", 0, "Stop every process and exit 124 after this many seconds (0: never).", lower_bound=0)
+FLAGS = flags.FLAGS
+
+GRACE_S = 10  # between SIGTERM and SIGKILL when stopping the others
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def process_env(index: int, count: int, port: int, devices: int, platform: str, base: dict | None = None) -> dict:
+    """The environment of process ``index`` of ``count``."""
+    env = dict(os.environ if base is None else base)
+    env.update({ENV_ADDRESS: f"127.0.0.1:{port}", ENV_COUNT: str(count), ENV_ID: str(index), "PYTHONUNBUFFERED": "1"})
+    if platform == "gpu":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(index * devices, (index + 1) * devices))
+    else:
+        env.update({"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)})
+    return env
+
+
+def _forward(stream, prefix: bytes, lock: threading.Lock) -> None:
+    """Copy a child's output to ours, each line (or \\r-refreshed progress line) prefixed."""
+    out = sys.stdout.buffer
+    pending = b""
+    while chunk := stream.read1(65536):
+        pending += chunk
+        while True:
+            cut = min((i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            with lock:
+                out.write(prefix + pending[:cut + 1])
+                out.flush()
+            pending = pending[cut + 1:]
+    if pending:
+        with lock:
+            out.write(prefix + pending + b"\n")
+            out.flush()
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every running process's group, then SIGKILL what is left after GRACE_S."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + GRACE_S
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def log(message: str) -> None:
+    print(f"launch: {message}", file=sys.stderr, flush=True)
+
+
+def launch(command: list[str], num_processes: int, devices_per_process: int = 1, platform: str = "cpu",
+           port: int = 0, timeout: float = 0) -> int:
+    """Run ``command`` as ``num_processes`` processes; 0 when all succeed, else the first failure's status."""
+    port = port or free_port()
+    lock = threading.Lock()
+    procs, threads = [], []
+    try:
+        for i in range(num_processes):
+            env = process_env(i, num_processes, port, devices_per_process, platform)
+            try:
+                p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its own group, so stopping it stops its workers
+            except OSError as e:
+                log(f"cannot start {command[0]!r}: {e.strerror}")
+                return 127
+            procs.append(p)
+            t = threading.Thread(target=_forward, args=(p.stdout, f"[{i}] ".encode(), lock), daemon=True)
+            t.start()
+            threads.append(t)
+        start = time.monotonic()
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                _stop(procs)
+                log(f"process {i} exited with status {code}; stopped the other {num_processes - 1}")
+                return code if code > 0 else 128 - code
+            if all(c == 0 for c in codes):
+                return 0
+            if timeout and time.monotonic() - start > timeout:
+                _stop(procs)
+                log(f"timed out after {timeout:g} s; stopped all {num_processes} processes")
+                return 124
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(procs)
+        log("interrupted; stopped all processes")
+        return 130
+    finally:
+        _stop(procs)
+        for t in threads:
+            t.join(timeout=5)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> None:
+    command = argv[1:]
+    if not command:
+        print("error: nothing to launch; put the command after --, e.g.\n  python -m carvana_jax.launch "
+              "--num_processes 2 -- python -m carvana_jax.train --config configs/demo.py", file=sys.stderr)
+        sys.exit(2)
+    platform = FLAGS.platform
+    if platform == "auto":
+        platform = "gpu" if gpu_count() else "cpu"
+    if platform == "gpu" and (have := gpu_count()) < FLAGS.num_processes * FLAGS.devices_per_process:
+        print(f"error: {FLAGS.num_processes} processes × {FLAGS.devices_per_process} GPUs need "
+              f"{FLAGS.num_processes * FLAGS.devices_per_process} GPUs; nvidia-smi lists {have}", file=sys.stderr)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop stops the children too
+    sys.exit(launch(command, FLAGS.num_processes, FLAGS.devices_per_process, platform, FLAGS.port, FLAGS.timeout))
+
+
+if __name__ == "__main__":
+    app.run(main)
