@@ -37,6 +37,37 @@ from carvana_jax.data import pipeline, sources
 SHAPE = rle.FULL_SHAPE
 
 
+class TreeCpuMeter(CpuMeter):
+    """bench_pipeline.CpuMeter counting every descendant of this process, alive or ended (grain's worker
+    processes are not all multiprocessing children, and they end before a stage's window closes)."""
+
+    def _own(self) -> int:
+        parents = {}
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        tree, frontier = {os.getpid()}, [os.getpid()]
+        while frontier:
+            children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+            tree.update(children)
+            frontier = children
+        return sum(self._with_reaped(pid) for pid in tree)
+
+    @staticmethod
+    def _with_reaped(pid) -> int:
+        """utime + stime of ``pid`` and of its children that have ended (cutime + cstime)."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return sum(int(x) for x in fields[11:15])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
 def naive_encode(mask: np.ndarray) -> str:
     """The straightforward numpy RLE (the Kaggle kernels' version): pad, compare neighbours, join strings."""
     pixels = np.concatenate([[0], np.asarray(mask).reshape(-1), [0]])
@@ -68,7 +99,7 @@ def _per_item_ms(fn, items) -> float:
 def time_stages(ensemble, records, config, batch_size: int, num_workers: int, threads: int, names) -> dict:
     """Each stage on its own over ``records`` (see the module doc); seconds, plus what the next needs."""
     seconds = {}
-    meter = CpuMeter()
+    meter = TreeCpuMeter()
     meter.start()
     start = time.perf_counter()
     batches = iter(ensemble.dataset(records, config, batch_size, num_workers))
@@ -118,7 +149,7 @@ def time_stages(ensemble, records, config, batch_size: int, num_workers: int, th
 def time_end_to_end(ensemble, records, config, batch_size: int, num_workers: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "submission.csv")
-        meter = CpuMeter()
+        meter = TreeCpuMeter()
         meter.start()
         stats = eval_lib.write_submission(ensemble, records, config, out, batch_size=batch_size,
                                           num_workers=num_workers, rle_threads=threads, progress=False)

@@ -123,6 +123,10 @@ def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, thre
     for path in ckpts:
         config, variables, apply_fn, at = load_checkpoint(path, step, mesh)
         first = first or config
+        split = ("seed", "val_fraction")
+        if any(config[k] != first[k] for k in split):
+            print(f"note: {path} held out other cars ({', '.join(f'{k}={config[k]}' for k in split)}) than "
+                  f"{ckpts[0]}; --split val scores the first one's, which it may have trained on")
         members.append(predict.Member(variables, apply_fn, tuple(config.image_size)))
         loaded.append((checkpoint_dir(_step_path(path, None)[0]), at))
     threshold = first.threshold if threshold is None else threshold
