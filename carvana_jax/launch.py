@@ -68,8 +68,9 @@ def _forward(stream, prefix: bytes, lock: threading.Lock) -> None:
             cut = min((i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0), default=-1)
             if cut < 0:
                 break
+            content, separator = pending[:cut], pending[cut:cut + 1]
             with lock:
-                out.write(prefix + pending[:cut + 1])
+                out.write((prefix + content if content else b"") + separator)
                 out.flush()
             pending = pending[cut + 1:]
     if pending:

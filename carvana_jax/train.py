@@ -76,12 +76,15 @@ def data_checkpoint(stream_position: int) -> dict:
 
 
 def resume_point(data_state: dict | None) -> tuple[int, dict | None]:
-    """(stream position to start the pipeline at, grain iterator state to set instead): the latter only for
-    a checkpoint written before positions were stored (one process, same num_workers, as before)."""
+    """(stream position to start the pipeline at, grain iterator state to set instead). Checkpoints written
+    before positions were stored hold one process's grain state: with num_workers=0 that is the position
+    itself; a worker pool's state is set as it is (it needs the same num_workers, as it always did)."""
     if data_state is None:
         return 0, None
     if "stream_position" in data_state:
         return int(data_state["stream_position"]), None
+    if set(data_state) == {"next_index"}:
+        return int(data_state["next_index"]), None
     return 0, data_state
 
 

@@ -116,7 +116,9 @@ def test_process_slices_from_a_resume_point_tile_the_single_process_stream():
 def test_old_checkpoints_resume_from_their_grain_state():
     assert train.resume_point(None) == (0, None)
     assert train.resume_point(train.data_checkpoint(24)) == (24, None)
-    assert train.resume_point({"next_index": 8}) == (0, {"next_index": 8})
+    assert train.resume_point({"next_index": 8}) == (8, None)  # one process, num_workers=0
+    pool = {"next_index_in_cycle": 0, "iterators_in_use_states": [{"next_index": 2}, {"next_index": 2}]}
+    assert train.resume_point(pool) == (0, pool)
 
 
 def test_the_launcher_stops_the_others_when_one_fails():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from carvana_jax import parallel, train
-from carvana_jax.checkpoint import CheckpointError, Checkpointer
+from carvana_jax.checkpoint import Checkpointer, CheckpointError
 
 
 def _params(result):
@@ -37,6 +37,22 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tm
     whole_rows = {r["step"]: r["loss"] for r in _metrics(str(tmp_path / "whole"))}
     resumed_rows = {r["step"]: r["loss"] for r in _metrics(resumed_dir)}
     assert resumed_rows == whole_rows
+
+
+@pytest.mark.slow
+def test_the_data_position_is_stored_by_global_stream_and_old_grain_states_still_resume(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 4
+    tiny_config.val_fraction = 0.0
+    whole = train.train_and_evaluate(tiny_config, str(tmp_path / "whole"), progress=False)
+    workdir = str(tmp_path / "old")
+    train.train_and_evaluate(tiny_config, workdir, stop_after=2, progress=False)
+    data_file = os.path.join(workdir, "checkpoints", "2", "data", "metadata")
+    with open(data_file) as f:
+        assert json.load(f) == {"stream_position": 2 * tiny_config.batch_size}
+    with open(data_file, "w") as f:  # what a checkpoint written before positions held: grain's iterator state
+        json.dump({"next_index": 2 * tiny_config.batch_size}, f)  # (num_workers=0)
+    resumed = train.train_and_evaluate(tiny_config, workdir, progress=False)
+    _assert_trees_equal(_params(resumed), _params(whole))
 
 
 @pytest.mark.slow
