@@ -1,4 +1,7 @@
-"""Shared command-line plumbing: the --config/--workdir flags, absl start-up, one-line errors."""
+"""Shared command-line plumbing: the --config/--workdir flags, absl start-up, one-line errors.
+
+Importing it imports neither jax nor the modules that do, so light commands (score, launch) start in
+a fraction of a second; what needs them imports them when it runs."""
 from __future__ import annotations
 
 import contextlib
@@ -7,18 +10,21 @@ import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
-
-from carvana_jax.checkpoint import CheckpointError
-from carvana_jax.config import ConfigError
-from carvana_jax.data.kaggle import DataError
-from carvana_jax.distributed import DistributedError
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (DataError, CheckpointError, ConfigError, DistributedError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions whose message tells a user what to fix (imported here: checkpoint.py imports jax)."""
+    from carvana_jax.checkpoint import CheckpointError
+    from carvana_jax.config import ConfigError
+    from carvana_jax.data.kaggle import DataError
+    from carvana_jax.distributed import DistributedError
+    return DataError, CheckpointError, ConfigError, DistributedError
 
 
 def define_config_flags(default_config: str | None = "configs/demo.py") -> None:
+    from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()); override keys with "
                                     "--config.KEY=VALUE.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and plots go "
@@ -56,18 +62,24 @@ def friendly_errors():
     """Turn the errors a user can fix into one line on stderr and exit status 1."""
     try:
         yield
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
-    """Keep compiled XLA programs on disk, so training, evaluation and reruns compile each once."""
-    import jax
+    """Keep compiled XLA programs on disk, so training, evaluation and reruns compile each once.
+
+    Before jax is imported, jax's own environment variables say it (and reach child processes too);
+    after, its config does."""
     directory = directory or os.environ.get("CARVANA_JAX_CACHE",
                                             os.path.join(os.path.expanduser("~"), ".cache", "carvana_jax", "xla"))
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0.5}
+    if "jax" in sys.modules:
+        for key, value in settings.items():
+            sys.modules["jax"].config.update(key, value)
+    else:
+        os.environ.update({key.upper(): str(value) for key, value in settings.items()})
 
 
 def run(main, needs_config: bool = False, distributed: bool = False) -> None:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
 
 from carvana_jax.distributed import ENV_ADDRESS, ENV_COUNT, ENV_ID
 
@@ -164,4 +164,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from carvana_jax import cli
+    cli.run(main)

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from carvana_jax import rle
 from carvana_jax.data import kaggle
@@ -406,19 +406,6 @@ def _define_flags() -> None:
     flags.DEFINE_string("per_image", None, "Also write each image's Dice to this CSV (img,dice).")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing with a bad flag as one line (cli.py's version imports jax: seconds, not needed)."""
-    try:
-        return flags.FLAGS(argv)
-    except SystemExit:  # --help prints the usage and exits 1; asking for help is no failure
-        if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
-            sys.exit(0)
-        raise
-    except flags.Error as e:
-        print(f"error: {e}\nRun with --help for the flags.", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; use --submission and --truth", file=sys.stderr)
@@ -434,5 +421,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from carvana_jax import cli
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

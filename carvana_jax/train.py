@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import losses, optim, parallel, plots, predict, steps
+from carvana_jax import losses, memory, optim, parallel, plots, predict, steps
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
@@ -100,6 +100,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
     train_records, val_records = sources.train_and_val(config)
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_divides(config.batch_size, mesh)
+    if progress and parallel.is_main_process():
+        print(memory.estimate(config, mesh.devices.size).summary(), flush=True)
 
     model = unet.from_config(config.model)
     schedule = optim.learning_rate_schedule(config)
@@ -152,6 +154,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
             now = time.perf_counter()
             rate = (update - window_update) * images_per_update / (now - window_time)
             last["images_per_sec"] = rate
+            if (peak := memory.peak_device_bytes(jax.local_devices()[0])) is not None:  # None on the CPU
+                last["peak_memory_gb"] = peak / 1e9
             bar.set_postfix(loss=f"{last['loss']:.4f}", dice=f"{last['dice']:.4f}", img_s=f"{rate:.1f}")
             bar.update(update - bar.n)
             ckpt_metrics = None

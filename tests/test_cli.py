@@ -44,10 +44,12 @@ def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_every_command_has_help():
-    for module in ("carvana_jax.train", "carvana_jax.eval", "carvana_jax.data.synthetic"):
+    for module, flag in (("carvana_jax.train", "--config"), ("carvana_jax.eval", "--ckpt"),
+                         ("carvana_jax.data.synthetic", "--out"), ("carvana_jax.score", "--submission"),
+                         ("carvana_jax.memory", "--config"), ("carvana_jax.launch", "--num_processes"),
+                         ("carvana_jax.data.prepare", "--data_dir")):
         proc = _run(module, "--help")
-        assert proc.returncode == 0 and ("--config" in proc.stdout or "--ckpt" in proc.stdout
-                                         or "--out" in proc.stdout), module
+        assert proc.returncode == 0 and flag in proc.stdout + proc.stderr, (module, proc.stdout, proc.stderr)
 
 
 @pytest.mark.slow
@@ -61,3 +63,4 @@ def test_a_truncated_photo_read_by_a_worker_process_is_named(kaggle_dir, tmp_pat
                 "--config.num_workers=1", "--config.val_fraction=0", "--config.image_size=(64,96)",
                 "--config.model.features=4", "--config.batch_size=16", "--config.num_train_steps=4")
     _one_line_error(proc, str(victim), "truncated")
+    assert "memory estimate per device (float32): params" in proc.stdout  # printed at start-up
