@@ -1,7 +1,7 @@
 """Score checkpoints on photos with known masks, or write a Kaggle submission for the test photos.
 
     python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip]
-                               [--threshold T] [--out PATH] [--step N] [--data_dir D]
+                               [--threshold T] [--out PATH] [--step N] [--data_dir D] [--num_workers W]
 
 Each checkpoint carries its config (model, image size, validation split), so nothing else is needed.
 Several checkpoints, of any configs and input sizes, are averaged as probabilities at 1918×1280: each
@@ -56,6 +56,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step to load from each --ckpt workdir (default: the best by val "
                          "Dice, else the latest).")
     flags.DEFINE_float("threshold", None, "Probability above which a pixel is car (default: the first checkpoint's).")
+    flags.DEFINE_integer("num_workers", None, "grain worker processes decoding the photos; 0 reads them in this "
+                         "process (default: the first checkpoint's).")
 
 
 FLAGS = flags.FLAGS
@@ -363,12 +365,13 @@ def write_submission(ensemble: predict.Ensemble, records: Sequence, config, out_
 def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None = None, out: str | None = None,
              tta: str = "none", step: int | None = None, data_source: str | None = None,
              tfds_dir: str | None = None, threshold: float | None = None, progress: bool = True,
-             **submission_kw) -> dict:
+             num_workers: int | None = None, **submission_kw) -> dict:
     """Score (val/train) or predict the test photos (test) with one checkpoint or an ensemble of several."""
     ckpts = [ckpt] if isinstance(ckpt, str) else list(ckpt)
     mesh = parallel.make_mesh()
     config, ensemble, loaded = load_ensemble(ckpts, step, mesh, threshold, tta)
-    for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir)):
+    for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir),
+                       ("num_workers", num_workers)):
         if value is not None:
             config[key] = value
     records = records_for(split, config)
@@ -400,7 +403,7 @@ def main(argv) -> None:
     from carvana_jax import cli
     with cli.friendly_errors():
         evaluate(FLAGS.ckpt, FLAGS.split, FLAGS.data_dir, FLAGS.out, FLAGS.tta, FLAGS.step, FLAGS.data_source,
-                 FLAGS.tfds_dir, FLAGS.threshold)
+                 FLAGS.tfds_dir, FLAGS.threshold, num_workers=FLAGS.num_workers)
 
 
 if __name__ == "__main__":
