@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from carvana_jax import optim, parallel, plots, predict, rle
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
+from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline, sources
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
@@ -207,9 +208,7 @@ def score(ensemble: predict.Ensemble, records: Sequence, config, out_dir: str, p
 
 def encode_packed(packed: np.ndarray, shape: tuple[int, int] = rle.FULL_SHAPE) -> str:
     """RLE of a bit-packed row-major mask (``steps.pack_masks``)."""
-    if hasattr(rle, "encode_packed"):
-        return rle.encode_packed(packed, shape)
-    return rle.encode(np.unpackbits(packed, count=shape[0] * shape[1]))
+    return rle.encode_packed(packed, shape)
 
 
 HEADER = b"img,rle_mask\n"
@@ -230,19 +229,18 @@ def finished_rows(path: str, names: Sequence[str], shape: tuple[int, int] = rle.
     """(rows, bytes) of the longest well-formed prefix of a (partial) submission: the header, then one
     ``name,rle`` line per image in ``names`` order, each ending in a newline, with runs that are in order
     and inside the mask. A torn or malformed line and everything after it are not counted."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(HEADER):
-        return 0, 0
-    rows, offset, size = 0, len(HEADER), shape[0] * shape[1]
-    while rows < len(names):
-        end = data.find(b"\n", offset)
-        if end < 0:
-            break
-        name, comma, text = data[offset:end].partition(b",")
-        if not comma or name != names[rows].encode() or not _valid_rle(text, size):
-            break
-        rows, offset = rows + 1, end + 1
+    rows, size = 0, shape[0] * shape[1]
+    with open(path, "rb") as f:  # line by line: a whole test-set partial is ~1 GB
+        if f.readline() != HEADER:
+            return 0, 0
+        offset = len(HEADER)
+        for line in f:
+            if rows == len(names) or not line.endswith(b"\n"):
+                break
+            name, comma, text = line[:-1].partition(b",")
+            if not comma or name != names[rows].encode() or not _valid_rle(text, size):
+                break
+            rows, offset = rows + 1, offset + len(line)
     return rows, offset
 
 
@@ -368,6 +366,9 @@ def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None
              num_workers: int | None = None, **submission_kw) -> dict:
     """Score (val/train) or predict the test photos (test) with one checkpoint or an ensemble of several."""
     ckpts = [ckpt] if isinstance(ckpt, str) else list(ckpt)
+    if parallel.process_count() > 1:  # every process would write the same files
+        raise ConfigError(f"eval runs in one process (this job has {parallel.process_count()}); start it without "
+                          "--num_processes / the launcher: one process uses all of its machine's devices")
     mesh = parallel.make_mesh()
     config, ensemble, loaded = load_ensemble(ckpts, step, mesh, threshold, tta)
     for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir),

@@ -209,3 +209,11 @@ def test_a_submission_that_fails_validation_is_not_left_looking_complete(members
         eval_lib.write_submission(ensemble, test_records[:4], config, str(out), progress=False)
     assert not out.exists() and (tmp_path / "sub.csv.invalid").exists()
     assert not (tmp_path / "sub.csv.partial").exists()
+
+
+def test_eval_refuses_to_run_in_several_processes(monkeypatch, tmp_path):
+    from carvana_jax.config import ConfigError
+    monkeypatch.setattr(parallel, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="one process"):
+        eval_lib.evaluate(str(tmp_path), split="test", out=str(tmp_path / "sub.csv"))
+    assert not (tmp_path / "sub.csv").exists()
