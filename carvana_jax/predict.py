@@ -25,6 +25,7 @@ from carvana_jax.data import augment, pipeline
 from carvana_jax.data.kaggle import DataError, Record
 
 IN_FLIGHT = 2  # device batches dispatched ahead of the one being brought back
+HOST_KEYS = ("mask_full",)  # batch arrays that stay on the host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +100,6 @@ class Ensemble:
         """(variables, device batch) → bit-packed masks (B, 306880); both programs dispatched asynchronously."""
         return self.pack_fn(self.masks_fn(variables, batch))
 
-    @functools.cached_property
-    def dice_fn(self) -> Callable:
-        """(variables, device batch with 'mask_full') → (per-image Dice (B,), masks (B, 1280, 1918))."""
-        return parallel.data_parallel_map(
-            functools.partial(steps.ensemble_dice, threshold=self.threshold, **self._kw), self.mesh)
-
     def dataset(self, records, config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
         """In-order batches of every record at every model size: ``pipeline.LoadForEval`` (the eval pipeline's
         map) when all models share one size, else ``LoadAtSizes``."""
@@ -117,62 +112,85 @@ class Ensemble:
         return pipeline.parallel(ds, workers, batch_size).filter(pipeline._is_good).batch(batch_size)
 
     def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None
-                       ) -> Iterator[tuple[dict, int, np.ndarray]]:
-        """(device batch padded to the mesh, number of real rows, their record indices) in record order."""
+                       ) -> Iterator[tuple[dict, int, np.ndarray, dict]]:
+        """(device batch padded to the mesh, number of real rows, their record indices, what stays on the host:
+        {'mask_full': the full-resolution masks} where known) in record order."""
         batches = iter(self.dataset(records, config, batch_size or config.eval_batch_size, num_workers))
         try:
             for batch in batches:
                 indices = batch.pop("index")
+                host = {key: batch.pop(key) for key in HOST_KEYS if key in batch}
                 padded, n = parallel.pad_to_multiple(batch, self.mesh.devices.size)
-                yield parallel.shard_batch(padded, self.mesh), n, indices
+                yield parallel.shard_batch(padded, self.mesh), n, indices, host
         finally:
             batches.close()  # stops grain's workers even when the caller stops early
+
+    def _in_flight(self, records, config, batch_size=None, num_workers=None, in_flight: int = IN_FLIGHT
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+        """(record indices, bit-packed masks (n, 306880) uint8, host-only arrays) batch by batch, in order.
+
+        Device work is dispatched asynchronously and its result starts copying to the host at once;
+        batch k is waited for only after batches k+1 … k+in_flight are dispatched, so the devices,
+        the input pipeline and whatever the caller does with batch k overlap."""
+        pending = collections.deque()
+        for batch, n, indices, host in self.device_batches(records, config, batch_size, num_workers):
+            packed = self.packed_fn(self.variables, batch)
+            packed.copy_to_host_async()
+            pending.append((packed, n, indices, host))
+            if len(pending) > in_flight:
+                yield _host(*pending.popleft())
+        while pending:
+            yield _host(*pending.popleft())
 
     def dice(self, records, config, *, progress: bool = False, keep_worst: int = 0
              ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """(per-record Dice at 1918×1280, NaN for a record skipped as unreadable; {record index: bit-packed
-        mask} of the ``keep_worst`` lowest-scoring records, kept as they go by)."""
+        mask} of the ``keep_worst`` lowest-scoring records, kept as they go by).
+
+        The masks come back bit-packed and are scored on the host against the pipeline's full-resolution
+        masks (``dice_of_packed``), which never go to the devices: 2.4 MB less to copy per image, and on
+        the CPU backend a Dice reduction over 2.4 M pixels took 12 ms an image (95 ms fused with the
+        prediction, against 14 for the prediction alone)."""
         scores = np.full(len(records), np.nan)
         worst: dict[int, np.ndarray] = {}
         bar = tqdm(total=len(records), desc="Dice", unit="img", disable=not progress, leave=False)
-        for batch, n, indices in self.device_batches(records, config):
-            dice, masks = self.dice_fn(self.variables, batch)
-            scores[indices] = parallel.to_host(dice)[:n]
+        for indices, packed, host in self._in_flight(records, config):
+            scores[indices] = [dice_of_packed(p, t) for p, t in zip(packed, host["mask_full"])]
             if keep_worst:
-                packed = parallel.to_host(self.pack_fn(masks))
-                worst.update((int(i), packed[j]) for j, i in enumerate(indices[:n]))
+                worst.update((int(i), p) for i, p in zip(indices, packed))
                 worst = dict(sorted(worst.items(), key=lambda kv: scores[kv[0]])[:keep_worst])
-            bar.update(n)
+            bar.update(len(indices))
         bar.close()
         return scores, worst
 
     def masks(self, records, config) -> Iterator[tuple[int, np.ndarray]]:
         """(record index, binary uint8 1280×1918 mask) for each record, in order (the simple path)."""
-        for batch, n, indices in self.device_batches(records, config):
+        for batch, n, indices, _ in self.device_batches(records, config):
             masks = parallel.to_host(self.masks_fn(self.variables, batch))
             for i in range(n):
                 yield int(indices[i]), masks[i]
 
     def packed_masks(self, records, config, batch_size: int | None = None, num_workers: int | None = None,
                      in_flight: int = IN_FLIGHT) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(record indices, their bit-packed masks (n, 306880) uint8) batch by batch, in order.
-
-        Device work is dispatched asynchronously and its result starts copying to the host at once;
-        batch k is waited for only after batches k+1 … k+in_flight are dispatched, so the devices,
-        the input pipeline and whatever the caller does with batch k overlap."""
-        pending = collections.deque()
-        for batch, n, indices in self.device_batches(records, config, batch_size, num_workers):
-            packed = self.packed_fn(self.variables, batch)
-            packed.copy_to_host_async()
-            pending.append((packed, n, indices))
-            if len(pending) > in_flight:
-                yield _host(*pending.popleft())
-        while pending:
-            yield _host(*pending.popleft())
+        """(record indices, their bit-packed masks (n, 306880) uint8) batch by batch, in order, with
+        ``in_flight`` batches dispatched ahead (``_in_flight``)."""
+        for indices, packed, _ in self._in_flight(records, config, batch_size, num_workers, in_flight):
+            yield indices, packed
 
 
-def _host(packed, n: int, indices) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(indices[:n]), parallel.to_host(packed)[:n]
+def dice_of_packed(packed: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of a bit-packed predicted mask against a binary truth mask of the same pixels (1 when both are
+    empty), counted with popcounts on the packed bytes."""
+    truth_bits = np.packbits(np.asarray(truth).reshape(-1) != 0)
+    if truth_bits.shape != packed.shape:
+        raise ValueError(f"a {np.shape(truth)} truth mask does not fit a prediction of {8 * packed.size} pixels")
+    inter = int(np.bitwise_count(packed & truth_bits).sum())
+    total = int(np.bitwise_count(packed).sum()) + int(np.bitwise_count(truth_bits).sum())
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def _host(packed, n: int, indices, host: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    return np.asarray(indices[:n]), parallel.to_host(packed)[:n], {k: v[:n] for k, v in host.items()}
 
 
 def single(variables, apply_fn, config, mesh, hflip_tta: bool = False) -> Ensemble:

@@ -114,9 +114,3 @@ def pack_masks(masks):
     fused into the program that makes the masks, XLA's CPU backend took 3x longer for both (19 against
     7 ms an image)."""
     return jnp.packbits(masks.reshape(masks.shape[0], -1).astype(bool), axis=1)
-
-
-def ensemble_dice(members, batch, **kw):
-    """(per-image Dice at full resolution against ``batch['mask_full']``, the masks scored)."""
-    masks = ensemble_masks(members, batch, **kw)
-    return metrics_lib.dice_per_image(masks, batch["mask_full"]), masks
