@@ -248,11 +248,8 @@ def _gb(value: float | None) -> str:
     return "n/a" if value is None else human_bytes(value * 1e9)
 
 
-def cmd_train(argv: list[str]) -> None:
+def cmd_train() -> None:
     import jax
-    if argv:
-        print(f"error: unexpected arguments after 'train': {' '.join(argv)}", file=sys.stderr)
-        sys.exit(2)
     if FLAGS.torch:
         try:
             import torch  # noqa: F401
@@ -275,11 +272,8 @@ def cmd_train(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- pipeline
 
-def cmd_pipeline(argv: list[str]) -> None:
+def cmd_pipeline() -> None:
     from carvana_jax import bench_pipeline
-    if argv:
-        print(f"error: unexpected arguments after 'pipeline': {' '.join(argv)}", file=sys.stderr)
-        sys.exit(2)
     try:
         image_size = bench_pipeline.parse_image_size(FLAGS.image_size)
     except ValueError as e:
@@ -301,11 +295,8 @@ def cmd_pipeline(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- predict
 
-def cmd_predict(argv: list[str]) -> None:
+def cmd_predict() -> None:
     from carvana_jax import bench_pipeline, bench_predict
-    if argv:
-        print(f"error: unexpected arguments after 'predict': {' '.join(argv)}", file=sys.stderr)
-        sys.exit(2)
     if not FLAGS.ckpt:
         print("error: predict needs --ckpt (a training workdir or checkpoint; repeat it for an ensemble)",
               file=sys.stderr)
@@ -345,7 +336,10 @@ def main(argv: list[str]) -> None:
         print(f"error: the first argument must be a benchmark, one of: {', '.join(COMMANDS)} ({got})\n{USAGE}",
               file=sys.stderr)
         sys.exit(2)
-    COMMANDS[argv[1]](argv[2:])
+    if argv[2:]:
+        print(f"error: unexpected arguments after {argv[1]!r}: {' '.join(argv[2:])}", file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[argv[1]]()
 
 
 if __name__ == "__main__":
