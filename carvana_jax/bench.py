@@ -19,7 +19,7 @@ decode-only limit and a straightforward PIL pipeline on the same photos, with a 
 (bench_pipeline.py says exactly what each figure is). The config (default configs/demo.py) gives the
 augmentation ranges and seed; --image_size, --batch_size and --num_workers override it.
 
-``predict`` times writing a submission for the first N test photos end to end (eval.write_submission)
+``predict`` times writing a submission for the first N test photos end to end (submission.write_submission)
 against each of its stages on its own over the same photos, and one mask's RLE against the
 straightforward numpy version (bench_predict.py says exactly what each figure is).
 """

@@ -2,7 +2,7 @@
 
 Over the first ``n`` test photos, in one run (so all figures see the same machine load):
 
-- **end to end**: ``eval.write_submission`` as ``eval --split test`` runs it (grain pipeline, devices,
+- **end to end**: ``submission.write_submission`` as ``eval --split test`` runs it (grain pipeline, devices,
   RLE thread pool, streamed CSV, all overlapped), after one untimed batch has compiled the device
   program; ``stream`` is up to the last row written, ``validate`` the check of the finished file after it;
 - **stages**, each timed on its own over the same photos, one after the other:
@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, rle
+from carvana_jax import parallel, rle, submission
 from carvana_jax.bench_pipeline import CpuMeter, cpu_name
 from carvana_jax.data import pipeline, sources
 
@@ -131,7 +131,7 @@ def time_stages(ensemble, records, config, batch_size: int, num_workers: int, th
     meter.start()
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        texts = list(pool.map(eval_lib.encode_packed, packed, [SHAPE] * len(packed)))
+        texts = list(pool.map(rle.encode_packed, packed, [SHAPE] * len(packed)))
     seconds["rle"] = time.perf_counter() - start
     load["rle"] = meter.stop()
 
@@ -155,7 +155,7 @@ def time_end_to_end(ensemble, records, config, batch_size: int, num_workers: int
         out = os.path.join(tmp, "submission.csv")
         meter = TreeCpuMeter()
         meter.start()
-        stats = eval_lib.write_submission(ensemble, records, config, out, batch_size=batch_size,
+        stats = submission.write_submission(ensemble, records, config, out, batch_size=batch_size,
                                           num_workers=num_workers, rle_threads=threads, progress=False)
         load = meter.stop()
         with open(out, "rb") as f:
@@ -168,12 +168,12 @@ def time_rle(mask: np.ndarray, repeats: int) -> dict:
     """One full-size mask: rle.encode, rle.encode_packed and naive_encode, checked equal."""
     packed = np.packbits(mask.reshape(-1))
     text = rle.encode(mask)
-    if naive_encode(mask) != text or eval_lib.encode_packed(packed, SHAPE) != text:
+    if naive_encode(mask) != text or rle.encode_packed(packed, SHAPE) != text:
         raise AssertionError("rle.encode, rle.encode_packed and the straightforward RLE disagree")
     result = {"runs": len(text.split()) // 2,
               "encode_ms": _median_ms(lambda: rle.encode(mask), repeats),
               "naive_ms": _median_ms(lambda: naive_encode(mask), repeats),
-              "encode_packed_ms": _median_ms(lambda: eval_lib.encode_packed(packed, SHAPE), repeats)}
+              "encode_packed_ms": _median_ms(lambda: rle.encode_packed(packed, SHAPE), repeats)}
     result["speedup"] = result["naive_ms"] / result["encode_ms"]
     return result
 
@@ -189,7 +189,7 @@ def cpu_costs(ensemble, records, config, texts, packed, cpu_size) -> dict:
     return {"decode_resize_ms_model_size": _per_item_ms(lambda r: model_map.map_with_index(0, r), photos),
             "decode_resize_ms_cpu_size": _per_item_ms(lambda r: big_map.map_with_index(0, r), photos),
             "cpu_size": list(cpu_size),
-            "rle_ms": _per_item_ms(lambda p: eval_lib.encode_packed(p, SHAPE), packed[:64]),
+            "rle_ms": _per_item_ms(lambda p: rle.encode_packed(p, SHAPE), packed[:64]),
             "csv_row_ms": csv_ms}
 
 
@@ -202,7 +202,7 @@ def bench_predict(ckpts, *, data_dir: str | None, n: int, batch_size: int | None
     if data_dir:
         config.data_dir = data_dir
     records = list(sources.test_examples(config))[:n]
-    names = [eval_lib.image_name(r) for r in records]
+    names = [submission.image_name(r) for r in records]
     batch_size = batch_size or config.eval_batch_size
     workers = config.num_workers if num_workers is None else num_workers
     threads = rle_threads or max(1, min(8, os.cpu_count() or 1))

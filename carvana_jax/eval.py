@@ -16,21 +16,16 @@ interrupted run resumes from it, and OUT appears only when every row is in and t
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import csv
-import json
 import os
-import time
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
-from carvana_jax import optim, parallel, plots, predict, rle
+from carvana_jax import optim, parallel, plots, predict, rle, submission
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline, sources
@@ -65,7 +60,6 @@ FLAGS = flags.FLAGS
 
 WORST = 12  # photos drawn in worst.png
 PLOT_HW = (320, 480)  # size the photos are drawn at (a 1/4 JPEG decode)
-FLUSH_EVERY_S = 2.0  # the partial submission is flushed and its rows made durable at least this often
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -155,11 +149,6 @@ def records_for(split: str, config) -> Sequence:
     return val
 
 
-def image_name(example) -> str:
-    """The submission's ``img`` of an example: 'CARID_NN.jpg'."""
-    return f"{sources.example_name(example)}.jpg"
-
-
 def write_per_image(path: str, names: Sequence[str], scores: np.ndarray) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -189,7 +178,7 @@ def plot_worst(records: Sequence, scores: np.ndarray, worst: dict[int, np.ndarra
         photos.append(photo)
         truths.append(cv2.resize(truth, PLOT_HW[::-1], interpolation=cv2.INTER_NEAREST))
         preds.append(cv2.resize(mask, PLOT_HW[::-1], interpolation=cv2.INTER_NEAREST))
-        titles.append(f"{image_name(records[index])}  Dice {scores[index]:.4f}")
+        titles.append(f"{submission.image_name(records[index])}  Dice {scores[index]:.4f}")
     if photos:
         plots.plot_worst(photos, truths, preds, titles, out_path)
 
@@ -197,165 +186,11 @@ def plot_worst(records: Sequence, scores: np.ndarray, worst: dict[int, np.ndarra
 def score(ensemble: predict.Ensemble, records: Sequence, config, out_dir: str, progress: bool = True) -> np.ndarray:
     """Per-image Dice at 1918×1280, written to OUT_DIR/per_image.csv with a histogram and the worst photos."""
     scores, worst = ensemble.dice(records, config, progress=progress, keep_worst=WORST)
-    names = [image_name(r) for r in records]
+    names = [submission.image_name(r) for r in records]
     write_per_image(os.path.join(out_dir, "per_image.csv"), names, scores)
     plots.plot_dice_histogram(scores, os.path.join(out_dir, "dice_histogram.png"))
     plot_worst(records, scores, worst, os.path.join(out_dir, "worst.png"))
     return scores
-
-
-# ---------------------------------------------------------------------------------------------- submission
-
-def encode_packed(packed: np.ndarray, shape: tuple[int, int] = rle.FULL_SHAPE) -> str:
-    """RLE of a bit-packed row-major mask (``steps.pack_masks``)."""
-    return rle.encode_packed(packed, shape)
-
-
-HEADER = b"img,rle_mask\n"
-
-
-def _valid_rle(text: bytes, size: int) -> bool:
-    try:
-        starts, lengths = rle.parse(text.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        return False
-    if not starts.size:
-        return True
-    ends = starts + lengths
-    return bool(starts[0] >= 1 and lengths.min() >= 1 and ends[-1] - 1 <= size and np.all(starts[1:] > ends[:-1]))
-
-
-def finished_rows(path: str, names: Sequence[str], shape: tuple[int, int] = rle.FULL_SHAPE) -> tuple[int, int]:
-    """(rows, bytes) of the longest well-formed prefix of a (partial) submission: the header, then one
-    ``name,rle`` line per image in ``names`` order, each ending in a newline, with runs that are in order
-    and inside the mask. A torn or malformed line and everything after it are not counted."""
-    rows, size = 0, shape[0] * shape[1]
-    with open(path, "rb") as f:  # line by line: a whole test-set partial is ~1 GB
-        if f.readline() != HEADER:
-            return 0, 0
-        offset = len(HEADER)
-        for line in f:
-            if rows == len(names) or not line.endswith(b"\n"):
-                break
-            name, comma, text = line[:-1].partition(b",")
-            if not comma or name != names[rows].encode() or not _valid_rle(text, size):
-                break
-            rows, offset = rows + 1, offset + len(line)
-    return rows, offset
-
-
-def validate_submission(path: str, names: Sequence[str]) -> list[str]:
-    """Problems with a finished submission (empty when valid): carvana_jax.score's checks."""
-    from carvana_jax import score as score_lib
-    return score_lib.validate_submission(path, list(names))
-
-
-def _resume(partial: str, state_path: str, names: Sequence[str], settings: dict) -> int:
-    """Rows of ``partial`` to keep (it is truncated after them), or 0 after starting it afresh."""
-    if os.path.exists(partial) and os.path.exists(state_path):
-        with open(state_path) as f:
-            saved = json.load(f)
-        if saved != settings:
-            differs = ", ".join(k for k in settings if saved.get(k) != settings[k])
-            raise kaggle.DataError(f"{partial} was written by a different prediction ({differs} differ); "
-                                   "delete it (and its .json) to start again, or choose another --out")
-        rows, offset = finished_rows(partial, names)
-        if rows:
-            with open(partial, "r+b") as f:
-                f.truncate(offset)
-            return rows
-    with open(partial, "wb") as f:
-        f.write(HEADER)
-    tmp = state_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(settings, f)
-    os.replace(tmp, state_path)
-    return 0
-
-
-def write_submission(ensemble: predict.Ensemble, records: Sequence, config, out_path: str, *,
-                     settings: dict | None = None, stop_after: int | None = None, rle_threads: int | None = None,
-                     batch_size: int | None = None, num_workers: int | None = None, progress: bool = True) -> dict:
-    """Predict every record and stream ``img,rle_mask`` rows in order into OUT.partial; rename it to OUT
-    only once every row is in and it validates.
-
-    Stages overlap: grain workers decode, the devices predict, up-sample, threshold and bit-pack with
-    batches in flight (``Ensemble.packed_masks``), a thread pool encodes the RLE, and this thread writes
-    the rows in order, flushed at least every FLUSH_EVERY_S. A rerun after an interruption keeps the
-    partial's well-formed rows (``finished_rows``) and predicts only the rest; OUT.partial.json holds the
-    ``settings`` the rows were made with, and a rerun with other settings is refused. ``stop_after``
-    stops after that many rows are written, as a pre-emption would. Returns {'rows', 'predicted',
-    'resumed_from', 'complete', 'seconds' (all of it), 'stream_seconds' (before validation),
-    'validate_seconds'}."""
-    names = [image_name(r) for r in records]
-    out_path = os.path.abspath(out_path)
-    partial, state_path = out_path + ".partial", out_path + ".partial.json"
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    if os.path.exists(out_path):
-        os.remove(out_path)  # a failed run must not leave an older, complete-looking submission behind
-    done = _resume(partial, state_path, names, settings or {})
-    todo = records[done:]
-    shape = rle.FULL_SHAPE
-    threads = rle_threads or max(1, min(8, os.cpu_count() or 1))
-    max_pending = 4 * (batch_size or config.eval_batch_size)  # encoded rows waiting: bounds host memory
-    rows, predicted, start = done, 0, time.perf_counter()
-    pending: collections.deque = collections.deque()
-
-    def write_ready(f, block: bool) -> bool:
-        """Write finished rows from the head of ``pending``; False once ``stop_after`` rows are written."""
-        nonlocal rows
-        while pending and (block or pending[0][1].done()):
-            if stop_after is not None and rows - done >= stop_after:
-                return False
-            name, future = pending.popleft()
-            f.write(f"{name},{future.result()}\n")
-            rows += 1
-            bar.update(1)
-        return True
-
-    bar = tqdm(total=len(names), initial=done, unit="img", desc="test", disable=not progress, smoothing=0.1)
-    last_flush = time.perf_counter()
-    stopped = False
-    with open(partial, "a", newline="") as f, concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        try:
-            for indices, packed in ensemble.packed_masks(todo, config, batch_size, num_workers):
-                predicted += len(indices)
-                pending.extend((names[done + int(i)], pool.submit(encode_packed, p, shape))
-                               for i, p in zip(indices, packed))
-                if not write_ready(f, block=len(pending) > max_pending):
-                    stopped = True
-                    break
-                if time.perf_counter() - last_flush > FLUSH_EVERY_S:
-                    f.flush()
-                    os.fsync(f.fileno())
-                    last_flush = time.perf_counter()
-            stopped = stopped or not write_ready(f, block=True)
-        finally:
-            bar.close()
-            for _, future in pending:
-                future.cancel()
-            f.flush()
-            os.fsync(f.fileno())
-    elapsed = time.perf_counter() - start
-    result = {"rows": rows, "predicted": predicted, "resumed_from": done, "complete": False,
-              "seconds": elapsed, "stream_seconds": elapsed}
-    if stopped:
-        return result
-    if rows != len(names):
-        raise kaggle.DataError(f"only {rows} of {len(names)} test images could be predicted (unreadable files "
-                               f"skipped); no submission written, {partial} kept")
-    validate_start = time.perf_counter()
-    problems = validate_submission(partial, names)
-    result["validate_seconds"] = time.perf_counter() - validate_start
-    if problems:
-        os.replace(partial, out_path + ".invalid")
-        os.remove(state_path)
-        raise kaggle.DataError(f"the submission failed validation ({'; '.join(problems[:3])}); "
-                               f"kept as {out_path}.invalid, no {out_path} written")
-    os.replace(partial, out_path)
-    os.remove(state_path)
-    result.update(complete=True, seconds=time.perf_counter() - start)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -391,7 +226,8 @@ def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None
     out = out or os.path.join(workdir, "submission.csv")
     settings = {"checkpoints": [[path, at] for path, at in loaded], "tta": tta, "threshold": ensemble.threshold,
                 "images": len(records)}
-    stats = write_submission(ensemble, records, config, out, settings=settings, progress=progress, **submission_kw)
+    stats = submission.write_submission(ensemble, records, config, out, settings=settings, progress=progress,
+                                        **submission_kw)
     if stats["complete"]:
         rate = stats["predicted"] / max(stats["seconds"], 1e-9)
         resumed = f", resumed after {stats['resumed_from']}" if stats["resumed_from"] else ""

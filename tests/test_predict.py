@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, predict, rle, steps
+from carvana_jax import parallel, predict, rle, score, steps, submission
 from carvana_jax.data import kaggle, pipeline
 from carvana_jax.models import unet
 
@@ -67,7 +67,7 @@ def test_pack_masks_on_the_device_round_trips():
     assert packed.shape == (2, 1280 * 1918 // 8) and packed.dtype == np.uint8
     np.testing.assert_array_equal(packed, np.packbits(masks.reshape(2, -1), axis=1))
     np.testing.assert_array_equal(np.unpackbits(packed, axis=1).reshape(masks.shape), masks)
-    assert eval_lib.encode_packed(packed[1]) == rle.encode(masks[1])
+    assert rle.encode_packed(packed[1], rle.FULL_SHAPE) == rle.encode(masks[1])
 
 
 @pytest.mark.parametrize("size", [(64, 96), (5, 7), (1280, 1918)])
@@ -129,7 +129,7 @@ def test_fast_submission_equals_the_simple_paths_masks(members, config, test_rec
     mesh = parallel.make_mesh()
     ensemble = predict.Ensemble(members[:1], mesh, threshold=threshold)
     out = str(tmp_path / "sub.csv")
-    stats = eval_lib.write_submission(ensemble, test_records, config, out, progress=False)
+    stats = submission.write_submission(ensemble, test_records, config, out, progress=False)
     assert stats["complete"] and stats["rows"] == stats["predicted"] == len(test_records) == 16
     with open(out) as f:
         rows = [line.rstrip("\n").split(",") for line in f]
@@ -151,10 +151,10 @@ def test_an_interrupted_submission_resumes_byte_for_byte_without_predicting_fini
     ensemble = predict.Ensemble(members[:1], parallel.make_mesh(), threshold=threshold)
     settings = {"checkpoints": [["a", 1]], "tta": "none"}
     whole = tmp_path / "whole.csv"
-    eval_lib.write_submission(ensemble, test_records, config, str(whole), settings=settings, progress=False)
+    submission.write_submission(ensemble, test_records, config, str(whole), settings=settings, progress=False)
 
     out = tmp_path / "resumed.csv"
-    first = eval_lib.write_submission(ensemble, test_records, config, str(out), settings=settings, stop_after=6,
+    first = submission.write_submission(ensemble, test_records, config, str(out), settings=settings, stop_after=6,
                                       progress=False)
     assert first["rows"] == 6 and not first["complete"] and not out.exists()
     partial = tmp_path / "resumed.csv.partial"
@@ -163,7 +163,7 @@ def test_an_interrupted_submission_resumes_byte_for_byte_without_predicting_fini
     assert len(rest.split(b"\n")[0]) > 100, "row 7 should be a real mask"
     with open(partial, "ab") as f:  # killed half-way through writing row 7
         f.write(rest[:rest.index(b"\n") - 1])
-    second = eval_lib.write_submission(ensemble, test_records, config, str(out), settings=settings, progress=False)
+    second = submission.write_submission(ensemble, test_records, config, str(out), settings=settings, progress=False)
     assert second["complete"] and second["resumed_from"] == 6
     assert second["predicted"] == len(test_records) - 6
     assert out.read_bytes() == whole.read_bytes()
@@ -173,10 +173,10 @@ def test_an_interrupted_submission_resumes_byte_for_byte_without_predicting_fini
 def test_a_partial_from_other_settings_is_refused(members, config, test_records, tmp_path):
     ensemble = predict.Ensemble(members[:1], parallel.make_mesh())
     out = str(tmp_path / "sub.csv")
-    eval_lib.write_submission(ensemble, test_records, config, out, settings={"tta": "none"}, stop_after=2,
+    submission.write_submission(ensemble, test_records, config, out, settings={"tta": "none"}, stop_after=2,
                               progress=False)
     with pytest.raises(kaggle.DataError, match="different prediction.*tta"):
-        eval_lib.write_submission(ensemble, test_records, config, out, settings={"tta": "hflip"}, progress=False)
+        submission.write_submission(ensemble, test_records, config, out, settings={"tta": "hflip"}, progress=False)
     assert not os.path.exists(out)
 
 
@@ -188,11 +188,11 @@ def test_finished_rows_keeps_the_well_formed_prefix(tmp_path):
                        (b"a_03.jpg,5 x\n", 2), (b"a_03.jpg,5\n", 2), (b"a_03.jpg,5 1 3 1\n", 2),
                        (b"a_03.jpg,0 1\n", 2), (b"a_03.jpg,25 2\n", 2), (b"a_03.jpg,24 2\n", 3)]:
         path.write_bytes(good + tail)
-        got, offset = eval_lib.finished_rows(str(path), names, shape=(5, 5))
+        got, offset = submission.finished_rows(str(path), names, shape=(5, 5))
         assert got == rows, tail
         assert offset == len(good) + (len(tail) if rows == 3 else 0)
     path.write_bytes(b"img,wrong\n")
-    assert eval_lib.finished_rows(str(path), names) == (0, 0)
+    assert submission.finished_rows(str(path), names) == (0, 0)
 
 
 def test_an_unreadable_test_image_is_named_and_leaves_no_submission(members, config, test_records, tmp_path):
@@ -205,18 +205,18 @@ def test_an_unreadable_test_image_is_named_and_leaves_no_submission(members, con
     out = tmp_path / "sub.csv"
     ensemble = predict.Ensemble(members[:1], parallel.make_mesh())
     with pytest.raises(kaggle.DataError, match="broken.jpg"):
-        eval_lib.write_submission(ensemble, records, config, str(out), progress=False)
+        submission.write_submission(ensemble, records, config, str(out), progress=False)
     assert not out.exists()
     assert json.loads((tmp_path / "sub.csv.partial.json").read_text()) == {}
 
 
 def test_a_submission_that_fails_validation_is_not_left_looking_complete(members, config, test_records, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(eval_lib, "validate_submission", lambda path, names: ["x_01.jpg: something wrong"])
+    monkeypatch.setattr(score, "validate_submission", lambda path, names: ["x_01.jpg: something wrong"])
     out = tmp_path / "sub.csv"
     ensemble = predict.Ensemble(members[:1], parallel.make_mesh())
     with pytest.raises(kaggle.DataError, match="failed validation.*something wrong"):
-        eval_lib.write_submission(ensemble, test_records[:4], config, str(out), progress=False)
+        submission.write_submission(ensemble, test_records[:4], config, str(out), progress=False)
     assert not out.exists() and (tmp_path / "sub.csv.invalid").exists()
     assert not (tmp_path / "sub.csv.partial").exists()
 
