@@ -115,7 +115,7 @@ def _files(element):
     """(JPEG, mask GIF) of an element: paths of a Record, bytes of a TFDS example."""
     if isinstance(element, kaggle.Record):
         return element.image_path, element.mask_path
-    return pipeline._blob(element["image"]), pipeline._blob(element["mask"])
+    return pipeline.blob(element["image"]), pipeline.blob(element["mask"])
 
 
 def _dataset(examples, config, transform):

@@ -66,7 +66,7 @@ class LoadAtSizes(grain.transforms.MapWithIndex):
         except DataError as e:
             if not self.skip_bad_files:
                 raise
-            return pipeline._bad(e)
+            return pipeline.bad_item(e)
         return item
 
 
@@ -109,7 +109,7 @@ class Ensemble:
         else:
             transform = LoadAtSizes(self.sizes, config.skip_bad_files)
         ds = grain.MapDataset.source(records).map_with_index(transform)
-        return pipeline.parallel(ds, workers, batch_size).filter(pipeline._is_good).batch(batch_size)
+        return pipeline.parallel(ds, workers, batch_size).filter(pipeline.is_good).batch(batch_size)
 
     def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None
                        ) -> Iterator[tuple[dict, int, np.ndarray, dict]]:

@@ -50,7 +50,7 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _blob(value) -> bytes:
+def blob(value) -> bytes:
     if isinstance(value, np.ndarray):
         value = value.item()
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
@@ -68,7 +68,7 @@ def element_parts(element: Element) -> Parts:
     if not isinstance(element, Mapping):
         raise TypeError(f"expected a kaggle.Record or an example dict, got {type(element).__name__}")
     name = _text(element["name"])
-    gif = _blob(element.get("mask", b""))
+    gif = blob(element.get("mask", b""))
     text = element.get("mask_rle")
     text = None if text is None else _text(text)
     mask = None
@@ -76,7 +76,7 @@ def element_parts(element: Element) -> Parts:
         mask = augment.MaskSource(rle=text, file=gif, name=f"{name} (mask)")
     elif text:  # only the RLE was kept
         mask = augment.MaskSource(rle=text, name=f"{name} (mask_rle)")
-    return Parts(_blob(element["image"]), mask, f"{name} (image)")
+    return Parts(blob(element["image"]), mask, f"{name} (image)")
 
 
 class PairedAugment(grain.transforms.RandomMap):
@@ -97,7 +97,7 @@ class PairedAugment(grain.transforms.RandomMap):
         except DataError as e:
             if not self.skip_bad_files:
                 raise
-            return _bad(e)
+            return bad_item(e)
         return {"image": image, "mask": mask}
 
 
@@ -119,21 +119,21 @@ class LoadForEval(grain.transforms.MapWithIndex):
         except DataError as e:
             if not self.skip_bad_files:
                 raise
-            return _bad(e)
+            return bad_item(e)
         return item
 
 
 _skipped = 0
 
 
-def _bad(error: DataError) -> dict:
+def bad_item(error: DataError) -> dict:
     global _skipped  # a per-worker count, only for the log line
     _skipped += 1
     logging.getLogger(__name__).warning("skipping bad file (%d so far in this worker): %s", _skipped, error)
     return {"bad": str(error)}
 
 
-def _is_good(item) -> bool:
+def is_good(item) -> bool:
     return "bad" not in item
 
 
@@ -201,11 +201,11 @@ def train_dataset(records: list[Element], config, process_index: int = 0, proces
     ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files), seed=config.seed)
     local_batch = config.batch_size // process_count
     ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count, start), workers, local_batch)
-    return ds.filter(_is_good).batch(local_batch, drop_remainder=True)
+    return ds.filter(is_good).batch(local_batch, drop_remainder=True)
 
 
 def eval_dataset(records: list[Element], config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
     """Every record once, in order, at model size (with full-size masks where known)."""
     workers = config.num_workers if num_workers is None else num_workers
     ds = grain.MapDataset.source(records).map_with_index(LoadForEval(config.image_size, config.skip_bad_files))
-    return parallel(ds, workers, batch_size).filter(_is_good).batch(batch_size, drop_remainder=False)
+    return parallel(ds, workers, batch_size).filter(is_good).batch(batch_size, drop_remainder=False)
