@@ -85,12 +85,6 @@ def full_res_masks(variables, images, *, apply_fn, threshold=0.5, hflip_tta=Fals
     return (probs > threshold).astype(jnp.uint8)
 
 
-def eval_dice(variables, batch, *, apply_fn, threshold=0.5, hflip_tta=False):
-    """Per-image Dice at full resolution against ``batch['mask_full']``."""
-    pred = full_res_masks(variables, batch["image"], apply_fn=apply_fn, threshold=threshold, hflip_tta=hflip_tta)
-    return metrics_lib.dice_per_image(pred, batch["mask_full"])
-
-
 # Ensembles: ``members`` is a tuple of each model's variables, ``apply_fns`` their apply functions and
 # ``image_keys`` which batch key holds each model's input (models of one input size share one key).
 
