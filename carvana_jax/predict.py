@@ -103,13 +103,11 @@ class Ensemble:
     def dataset(self, records, config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
         """In-order batches of every record at every model size: ``pipeline.LoadForEval`` (the eval pipeline's
         map) when all models share one size, else ``LoadAtSizes``."""
-        workers = config.num_workers if num_workers is None else num_workers
         if len(self.sizes) == 1:
             transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files)
         else:
             transform = LoadAtSizes(self.sizes, config.skip_bad_files)
-        ds = grain.MapDataset.source(records).map_with_index(transform)
-        return pipeline.parallel(ds, workers, batch_size).filter(pipeline.is_good).batch(batch_size)
+        return pipeline.eval_dataset(records, config, batch_size, num_workers, transform)
 
     def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None
                        ) -> Iterator[tuple[dict, int, np.ndarray, dict]]:

@@ -204,8 +204,11 @@ def train_dataset(records: list[Element], config, process_index: int = 0, proces
     return ds.filter(is_good).batch(local_batch, drop_remainder=True)
 
 
-def eval_dataset(records: list[Element], config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
-    """Every record once, in order, at model size (with full-size masks where known)."""
+def eval_dataset(records: list[Element], config, batch_size: int, num_workers: int | None = None,
+                 transform: grain.transforms.MapWithIndex | None = None) -> grain.IterDataset:
+    """Every record once, in order, mapped by ``transform`` (default: LoadForEval at the model's size, with
+    full-size masks where known)."""
     workers = config.num_workers if num_workers is None else num_workers
-    ds = grain.MapDataset.source(records).map_with_index(LoadForEval(config.image_size, config.skip_bad_files))
+    transform = transform or LoadForEval(config.image_size, config.skip_bad_files)
+    ds = grain.MapDataset.source(records).map_with_index(transform)
     return parallel(ds, workers, batch_size).filter(is_good).batch(batch_size, drop_remainder=False)
