@@ -4,7 +4,8 @@ Keys (all overridable as --config.KEY=VALUE; an unknown key is an error):
   data_dir, data_source, tfds_dir, seed, image_size (H, W), batch_size (global), grad_accum_steps,
   num_train_steps (optimiser updates), val_fraction, learning_rate, warmup_steps, optimizer,
   weight_decay, grad_clip_norm, checkpoint_every, eval_every, keep_checkpoints, log_every,
-  num_workers, skip_bad_files, loss, threshold, num_plot_images, model.*, augment.*.
+  num_workers, skip_bad_files, loss, loss_boundary_*, soft_masks, ema_decay, pseudo_*, tta, postprocess, fit,
+  threshold, num_plot_images, model.*, augment.*.
 """
 import ml_collections
 
@@ -25,7 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = "adam"              # 'adam' | 'adamw' | 'rmsprop'
     c.weight_decay = 1e-4             # used by adamw only
     c.grad_clip_norm = 1.0            # global-norm clipping; 0 disables it
-    c.loss = "bce_dice"               # 'bce' | 'dice' | 'bce_dice' | 'bce_jaccard'
+    c.loss = "bce_dice"               # 'bce' | 'dice' | 'bce_dice' | 'bce_jaccard' | 'bce_logdice'
+    c.loss_boundary_weight = 0.0      # extra per-pixel weight near the true edge (0 = none): pixel weight 1 + this
+    c.loss_boundary_width = 2         # model pixels from the true edge that count as "near" it
+    c.soft_masks = False              # train on each pixel's car coverage (0..1) instead of a 0/1 mask
+    c.ema_decay = 0.0                 # exponential moving average of the parameters (0 = off), used for validation
+    c.pseudo_labels = ""              # a submission CSV of test photos whose predicted masks are added to training
+    c.pseudo_fraction = 0.0           # share of each training batch drawn from the pseudo-labelled photos
+    c.tta = "none"                    # eval's default test-time augmentation (eval --tta overrides it)
+    c.postprocess = "none"            # eval's default mask clean-up (eval --postprocess overrides it)
+    c.fit = "resize"                  # 'resize' the photo to image_size | 'pad' it (reflect) and crop back
     c.threshold = 0.5                 # probability above which a pixel is car
     c.checkpoint_every = 1000         # optimiser updates between checkpoints
     c.eval_every = 1000               # optimiser updates between validation passes
@@ -45,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dense_layers = 4          # conv layers per block when block='dense'
     c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16' (params stay float32)
     c.model.remat = False             # recompute each block's activations in the backward pass (less memory)
+    c.model.encoder = "unet"          # 'unet' (plain blocks) | 'vgg11' (TernausNet) | 'resnet34'
+    c.model.pretrained = ""           # a torchvision ImageNet state dict (.pth/.safetensors) for the encoder
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True
@@ -56,4 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.brightness = 0.1        # image only: ±10% brightness
     c.augment.contrast = 0.1          # image only: ±10% contrast
     c.augment.saturation = 0.1        # image only: ±10% saturation
+    c.augment.hue = 0.0               # image only: hue rotated by up to ± this many degrees
+    c.augment.greyscale = 0.0         # image only: probability of a greyscale copy
+    c.augment.channel_shuffle = 0.0   # image only: probability of permuting the RGB channels
     return c
