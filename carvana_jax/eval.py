@@ -1,13 +1,15 @@
 """Score checkpoints on photos with known masks, or write a Kaggle submission for the test photos.
 
-    python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip]
-                               [--threshold T] [--out PATH] [--step N] [--data_dir D] [--num_workers W]
+    python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip,shift,scale]
+                               [--postprocess none|components|fill|clean] [--threshold T] [--out PATH]
+                               [--step N] [--data_dir D] [--num_workers W]
 
 Each checkpoint carries its config (model, image size, validation split), so nothing else is needed.
 Several checkpoints, of any configs and input sizes, are averaged as probabilities at 1918×1280: each
-model predicts at its own size, its probabilities are up-sampled to full resolution, and the mean over
-models (and over the h-flip with --tta hflip) is thresholded. The records, the split and the default
-threshold come from the first checkpoint's config.
+model predicts at its own size (averaged there over the --tta views), its probabilities are up-sampled
+to full resolution (or cropped, for a fit='pad' model), and the mean over models is thresholded, then
+cleaned by --postprocess. The records, the split and the defaults of --threshold, --tta and
+--postprocess come from the first checkpoint's config.
 
 val / train: mean Dice, and in --out (default CKPT_WORKDIR/eval_<split>/) per_image.csv (img, dice),
 dice_histogram.png and worst.png (the 12 worst photos, truth and prediction overlaid).
@@ -26,10 +28,12 @@ import numpy as np
 from absl import flags
 
 from carvana_jax import optim, parallel, plots, predict, rle, submission
+from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline, sources
 from carvana_jax.models import unet
+from carvana_jax.steps import parse_tta
 from carvana_jax.train_state import create_train_state
 
 
@@ -47,8 +51,13 @@ def define_flags() -> None:
                         "DATA_DIR/tfds).")
     flags.DEFINE_string("out", None, "test: the submission CSV (default CKPT_WORKDIR/submission.csv); val/train: the "
                         "folder for per_image.csv and the plots (default CKPT_WORKDIR/eval_<split>/).")
-    flags.DEFINE_enum("tta", "none", ["none", "hflip"], "Test-time augmentation: average with the h-flipped "
-                      "prediction.")
+    flags.DEFINE_string("tta", None, "Test-time augmentation, a comma list: none, hflip (the mirrored photo), "
+                        "shift (moved by ±4 model pixels diagonally), scale (resized 0.9x and 1.1x); the "
+                        "probabilities of the plain and every listed view are averaged at model size "
+                        "(default: the first checkpoint's tta).")
+    flags.DEFINE_string("postprocess", None, "Mask clean-up before scoring or writing: none, components (drop "
+                        "specks away from the car), fill (fill small holes), clean (both) "
+                        "(default: the first checkpoint's postprocess).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load from each --ckpt workdir (default: the best by val "
                          "Dice, else the latest).")
     flags.DEFINE_float("threshold", None, "Probability above which a pixel is car (default: the first checkpoint's).")
@@ -109,12 +118,18 @@ def load_checkpoint(path: str, step: int | None = None, mesh=None):
 
 
 def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, threshold: float | None = None,
-                  tta: str = "none"):
-    """(first checkpoint's config, Ensemble, [(checkpoint folder, step), ...]) of one or more --ckpt."""
+                  tta: str | None = None, postprocess: str | None = None):
+    """(first checkpoint's config, Ensemble, [(checkpoint folder, step), ...]) of one or more --ckpt; ``tta``
+    and ``postprocess`` default to the first checkpoint's config."""
     if isinstance(ckpts, str):
         ckpts = [ckpts]
     if not ckpts:
         raise CheckpointError("no --ckpt given")
+    try:  # a bad --tta / --postprocess fails before any checkpoint is read
+        parse_tta(tta)
+        postprocess_lib.parse(postprocess)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     mesh = mesh or parallel.make_mesh()
     members, loaded, first = [], [], None
     for path in ckpts:
@@ -124,12 +139,18 @@ def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, thre
         if any(config[k] != first[k] for k in split):
             print(f"note: {path} held out other cars ({', '.join(f'{k}={config[k]}' for k in split)}) than "
                   f"{ckpts[0]}; --split val scores the first one's, which it may have trained on")
-        members.append(predict.Member(variables, apply_fn, tuple(config.image_size)))
+        members.append(predict.member(variables, apply_fn, config))
         loaded.append((checkpoint_dir(_step_path(path, None)[0]), at))
     threshold = first.threshold if threshold is None else threshold
     if not 0.0 <= threshold < 1.0:
         raise CheckpointError(f"--threshold must be in [0, 1), got {threshold}")
-    return first, predict.Ensemble(members, mesh, threshold, hflip_tta=tta == "hflip"), loaded
+    tta = first.get("tta", "none") if tta is None else tta
+    postprocess = first.get("postprocess", "none") if postprocess is None else postprocess
+    try:
+        ensemble = predict.Ensemble(members, mesh, threshold, tta=tta, postprocess=postprocess)
+    except ValueError as e:  # a bad --tta / --postprocess, or a fit='pad' checkpoint of the wrong size
+        raise ConfigError(str(e)) from e
+    return first, ensemble, loaded
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -196,16 +217,18 @@ def score(ensemble: predict.Ensemble, records: Sequence, config, out_dir: str, p
 # ---------------------------------------------------------------------------------------------- command
 
 def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None = None, out: str | None = None,
-             tta: str = "none", step: int | None = None, data_source: str | None = None,
+             tta: str | None = None, step: int | None = None, data_source: str | None = None,
              tfds_dir: str | None = None, threshold: float | None = None, progress: bool = True,
-             num_workers: int | None = None, **submission_kw) -> dict:
-    """Score (val/train) or predict the test photos (test) with one checkpoint or an ensemble of several."""
+             num_workers: int | None = None, postprocess: str | None = None, **submission_kw) -> dict:
+    """Score (val/train) or predict the test photos (test) with one checkpoint or an ensemble of several;
+    ``tta``, ``postprocess`` and ``threshold`` default to the first checkpoint's config."""
     ckpts = [ckpt] if isinstance(ckpt, str) else list(ckpt)
     if parallel.process_count() > 1:  # every process would write the same files
         raise ConfigError(f"eval runs in one process (this job has {parallel.process_count()}); start it without "
                           "--num_processes / the launcher: one process uses all of its machine's devices")
     mesh = parallel.make_mesh()
-    config, ensemble, loaded = load_ensemble(ckpts, step, mesh, threshold, tta)
+    config, ensemble, loaded = load_ensemble(ckpts, step, mesh, threshold, tta, postprocess)
+    tta, postprocess = ensemble.tta_name, ensemble.postprocess_name
     for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir),
                        ("num_workers", num_workers)):
         if value is not None:
@@ -214,18 +237,21 @@ def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None
     workdir = ckpt_workdir(ckpts[0])
     steps = [at for _, at in loaded]
     about = f"{len(ckpts)} checkpoint{'s' if len(ckpts) > 1 else ''} (steps {steps}), tta={tta}, " \
-            f"threshold={ensemble.threshold}"
+            f"threshold={ensemble.threshold}" + (f", postprocess={postprocess}" if postprocess != "none" else "")
     if split in ("val", "train"):
         out_dir = out or os.path.join(workdir, f"eval_{split}")
         scores = score(ensemble, records, config, out_dir, progress)
         result = {"split": split, "step": steps[0], "steps": steps, "images": int(np.isfinite(scores).sum()),
-                  "dice": float(np.nanmean(scores)), "tta": tta, "threshold": ensemble.threshold, "out": out_dir}
+                  "dice": float(np.nanmean(scores)), "tta": tta, "threshold": ensemble.threshold,
+                  "postprocess": postprocess, "out": out_dir}
         print(f"{split} Dice at 1918x1280: {result['dice']:.5f} over {result['images']} images ({about}); "
               f"per-image Dice and plots in {out_dir}")
         return result
     out = out or os.path.join(workdir, "submission.csv")
     settings = {"checkpoints": [[path, at] for path, at in loaded], "tta": tta, "threshold": ensemble.threshold,
                 "images": len(records)}
+    if postprocess != "none":  # only then: partials written before the key existed still resume
+        settings["postprocess"] = postprocess
     stats = submission.write_submission(ensemble, records, config, out, settings=settings, progress=progress,
                                         **submission_kw)
     if stats["complete"]:
@@ -240,7 +266,7 @@ def main(argv) -> None:
     from carvana_jax import cli
     with cli.friendly_errors():
         evaluate(FLAGS.ckpt, FLAGS.split, FLAGS.data_dir, FLAGS.out, FLAGS.tta, FLAGS.step, FLAGS.data_source,
-                 FLAGS.tfds_dir, FLAGS.threshold, num_workers=FLAGS.num_workers)
+                 FLAGS.tfds_dir, FLAGS.threshold, num_workers=FLAGS.num_workers, postprocess=FLAGS.postprocess)
 
 
 if __name__ == "__main__":

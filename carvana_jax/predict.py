@@ -1,17 +1,21 @@
 """Batched prediction over records on all devices: full-resolution Dice, masks, or bit-packed masks.
 
-An ``Ensemble`` is one or more models, each with its own input size. Every photo is decoded once per
-JPEG DCT scale its models need (one decode when they share a scale, as 768² and 1024² do) and warped
+An ``Ensemble`` is one or more models, each with its own input size and fit. Every photo is decoded once
+per JPEG DCT scale its models need (one decode when they share a scale, as 768² and 1024² do) and warped
 to each model's size exactly as a single model's pipeline would; on the devices each model predicts
-at its size, its probabilities are up-sampled to 1918×1280, averaged over models (and over the h-flip
-with TTA) and thresholded. ``packed_masks`` keeps batches in flight on the devices and brings back
-only the bit-packed masks (306,880 bytes an image instead of 2.4 MB).
+at its size (averaged over the TTA views there: ``steps.predict_probs``), its probabilities are
+up-sampled to 1918×1280 (or cropped, for fit='pad'), averaged over models and thresholded.
+``packed_masks`` keeps batches in flight on the devices and brings back only the bit-packed masks
+(306,880 bytes an image instead of 2.4 MB); with ``postprocess`` they are cleaned on the host
+(``carvana_jax.postprocess``, in a thread pool) before anyone sees them, for Dice and submission alike.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +24,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import parallel, steps
+from carvana_jax import parallel, rle, steps
+from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 from carvana_jax.data.kaggle import DataError, Record
 
@@ -30,22 +35,38 @@ HOST_KEYS = ("mask_full",)  # batch arrays that stay on the host
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """One model of an ensemble: its variables (on the devices), apply function and input (H, W)."""
+    """One model of an ensemble: its variables (on the devices), apply function, input (H, W), how the photo
+    is fitted to it ('resize' | 'pad': augment.fit_matrix) and the multiple its input sizes must be of
+    (2**depth for a U-Net: TTA 'scale' resizes to such sizes)."""
     variables: Any
     apply_fn: Callable
     image_size: tuple[int, int]
+    fit: str = "resize"
+    multiple: int = 1
+
+
+def input_multiple(config) -> int:
+    """What a config's model needs its input sizes to be a multiple of: 2**model.depth (its coarsest map is at
+    H/2**depth, for the plain U-Net and the encoder U-Nets alike)."""
+    return 2 ** int(config.model.depth)
+
+
+def member(variables, apply_fn, config) -> Member:
+    """The ensemble member of a model trained with ``config``."""
+    return Member(variables, apply_fn, tuple(config.image_size), config.get("fit", "resize"), input_multiple(config))
 
 
 class LoadAtSizes(grain.transforms.MapWithIndex):
-    """Element → {'image0', 'image1', …: the photo at each size, 'index', 'mask_full' when known}.
+    """Element → {'image0', 'image1', …: the photo at each size (and fit), 'index', 'mask_full' when known}.
 
     The JPEG is decoded once per DCT scale (``augment.dct_scale``) and each size is warped from the
     decode its own pipeline (``pipeline.LoadForEval``) would use, so every image equals that pipeline's.
     """
 
-    def __init__(self, sizes, skip_bad_files: bool = False):
+    def __init__(self, sizes, skip_bad_files: bool = False, fits=None):
         self.sizes = [tuple(s) for s in sizes]
         self.skip_bad_files = skip_bad_files
+        self.fits = list(fits) if fits is not None else ["resize"] * len(self.sizes)
 
     def map_with_index(self, index: int, element):
         try:
@@ -54,13 +75,13 @@ class LoadAtSizes(grain.transforms.MapWithIndex):
             what = augment.source_name(parts.image, parts.name)
             header = augment.jpeg_header(data)
             decoded, item, full_hw = {}, {"index": np.int64(index)}, None
-            for i, size in enumerate(self.sizes):
+            for i, (size, fit) in enumerate(zip(self.sizes, self.fits)):
                 scale = augment.dct_scale(header, size) if header else size
                 if scale not in decoded:
                     decoded[scale] = augment.decode_image(data, size, what)
                 photo, full_hw = decoded[scale]
-                matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], size)
-                item[f"image{i}"] = augment.warp(photo, matrix, size)
+                matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], size, fit)
+                item[f"image{i}"] = augment.warp(photo, matrix, size, border=augment.fit_border(fit))
             if parts.mask is not None:
                 item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
         except DataError as e:
@@ -71,18 +92,41 @@ class LoadAtSizes(grain.transforms.MapWithIndex):
 
 
 class Ensemble:
-    """Models whose full-resolution probabilities are averaged, then thresholded, on all devices."""
+    """Models whose full-resolution probabilities are averaged, then thresholded, on all devices.
 
-    def __init__(self, members: list[Member], mesh, threshold: float = 0.5, hflip_tta: bool = False):
+    ``tta``: a TTA spec (``steps.parse_tta``: 'none', 'hflip', 'hflip,shift,scale', …; ``hflip_tta=True`` is
+    the older spelling of 'hflip'), the same for every model. ``postprocess``: a ``carvana_jax.postprocess``
+    spec, applied on the host to every mask before it is scored or written, in ``postprocess_threads``
+    threads (default: up to 8); 'none' leaves the masks as the devices made them, with no extra pass."""
+
+    def __init__(self, members: list[Member], mesh, threshold: float = 0.5, hflip_tta: bool = False, *,
+                 tta=None, postprocess="none", postprocess_threads: int | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one model")
+        for m in members:
+            augment.check_fit(rle.FULL_SHAPE, m.image_size, m.fit)
         self.members, self.mesh = list(members), mesh
-        self.threshold, self.hflip_tta = float(threshold), bool(hflip_tta)
-        self.sizes = list(dict.fromkeys(tuple(m.image_size) for m in members))  # distinct, in order
+        self.threshold = float(threshold)
+        self.tta = steps.parse_tta(("hflip",) if tta is None and hflip_tta else tta)
+        self.hflip_tta = "hflip" in self.tta
+        self.postprocess = postprocess_lib.parse(postprocess)
+        self.postprocess_threads = postprocess_threads or max(1, min(8, os.cpu_count() or 1))
+        # The distinct model inputs, in order: models of one size and fit share one.
+        self.inputs = list(dict.fromkeys((tuple(m.image_size), m.fit) for m in members))
+        self.sizes = [size for size, _ in self.inputs]
         self.variables = tuple(m.variables for m in members)
-        keys = ("image",) if len(self.sizes) == 1 else tuple(f"image{i}" for i in range(len(self.sizes)))
-        self._kw = {"apply_fns": tuple(m.apply_fn for m in members), "hflip_tta": self.hflip_tta,
-                    "image_keys": tuple(keys[self.sizes.index(tuple(m.image_size))] for m in members)}
+        keys = ("image",) if len(self.inputs) == 1 else tuple(f"image{i}" for i in range(len(self.inputs)))
+        self._kw = {"apply_fns": tuple(m.apply_fn for m in members), "tta": self.tta,
+                    "image_keys": tuple(keys[self.inputs.index((tuple(m.image_size), m.fit))] for m in members),
+                    "multiples": tuple(int(m.multiple) for m in members), "fits": tuple(m.fit for m in members)}
+
+    @property
+    def tta_name(self) -> str:
+        return ",".join(self.tta) or "none"
+
+    @property
+    def postprocess_name(self) -> str:
+        return ",".join(self.postprocess) or "none"
 
     @functools.cached_property
     def masks_fn(self) -> Callable:
@@ -103,10 +147,10 @@ class Ensemble:
     def dataset(self, records, config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
         """In-order batches of every record at every model size: ``pipeline.LoadForEval`` (the eval pipeline's
         map) when all models share one size, else ``LoadAtSizes``."""
-        if len(self.sizes) == 1:
-            transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files)
+        if len(self.inputs) == 1:
+            transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files, self.inputs[0][1])
         else:
-            transform = LoadAtSizes(self.sizes, config.skip_bad_files)
+            transform = LoadAtSizes(self.sizes, config.skip_bad_files, [fit for _, fit in self.inputs])
         return pipeline.eval_dataset(records, config, batch_size, num_workers, transform)
 
     def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None
@@ -129,7 +173,14 @@ class Ensemble:
 
         Device work is dispatched asynchronously and its result starts copying to the host at once;
         batch k is waited for only after batches k+1 … k+in_flight are dispatched, so the devices,
-        the input pipeline and whatever the caller does with batch k overlap."""
+        the input pipeline and whatever the caller does with batch k overlap. With ``postprocess`` the
+        masks of batch k are cleaned in a thread pool while batch k+1 is waited for."""
+        if self.postprocess:
+            yield from self._cleaned(self._in_flight_raw(records, config, batch_size, num_workers, in_flight))
+        else:
+            yield from self._in_flight_raw(records, config, batch_size, num_workers, in_flight)
+
+    def _in_flight_raw(self, records, config, batch_size, num_workers, in_flight):
         pending = collections.deque()
         for batch, n, indices, host in self.device_batches(records, config, batch_size, num_workers):
             packed = self.packed_fn(self.variables, batch)
@@ -139,6 +190,26 @@ class Ensemble:
                 yield _host(*pending.popleft())
         while pending:
             yield _host(*pending.popleft())
+
+    def _cleaned(self, batches) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+        """``batches`` with each bit-packed mask post-processed (``postprocess.apply_packed``), one batch
+        being cleaned while the next is brought back."""
+        clean = functools.partial(postprocess_lib.apply_packed, spec=self.postprocess, shape=rle.FULL_SHAPE)
+        with concurrent.futures.ThreadPoolExecutor(self.postprocess_threads) as pool:
+            pending: collections.deque = collections.deque()
+            try:
+                for indices, packed, host in batches:
+                    pending.append((indices, [pool.submit(clean, p) for p in packed], host))
+                    if len(pending) > 1:
+                        yield _collect(*pending.popleft())
+                while pending:
+                    yield _collect(*pending.popleft())
+            finally:
+                for _, futures, _ in pending:
+                    for future in futures:
+                        future.cancel()
+                if hasattr(batches, "close"):
+                    batches.close()  # stops the device loop and grain's workers when the caller stops early
 
     def dice(self, records, config, *, progress: bool = False, keep_worst: int = 0
              ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -166,7 +237,7 @@ class Ensemble:
         for batch, n, indices, _ in self.device_batches(records, config):
             masks = parallel.to_host(self.masks_fn(self.variables, batch))
             for i in range(n):
-                yield int(indices[i]), masks[i]
+                yield int(indices[i]), postprocess_lib.apply(masks[i], self.postprocess)
 
     def packed_masks(self, records, config, batch_size: int | None = None, num_workers: int | None = None,
                      in_flight: int = IN_FLIGHT) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -191,21 +262,29 @@ def _host(packed, n: int, indices, host: dict) -> tuple[np.ndarray, np.ndarray, 
     return np.asarray(indices[:n]), parallel.to_host(packed)[:n], {k: v[:n] for k, v in host.items()}
 
 
-def single(variables, apply_fn, config, mesh, hflip_tta: bool = False) -> Ensemble:
-    """An ensemble of one model at ``config.image_size`` with ``config.threshold``."""
-    return Ensemble([Member(variables, apply_fn, tuple(config.image_size))], mesh, config.threshold, hflip_tta)
+def _collect(indices, futures, host) -> tuple[np.ndarray, np.ndarray, dict]:
+    return indices, np.stack([f.result() for f in futures]), host
 
 
-def val_dice(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False,
-             progress=False) -> np.ndarray:
+def single(variables, apply_fn, config, mesh, hflip_tta: bool = False, *, tta=None, postprocess="none"
+           ) -> Ensemble:
+    """An ensemble of one model trained with ``config`` (its image_size, fit, threshold)."""
+    return Ensemble([member(variables, apply_fn, config)], mesh, config.threshold, hflip_tta, tta=tta,
+                    postprocess=postprocess)
+
+
+def val_dice(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False, tta=None,
+             postprocess="none", progress=False) -> np.ndarray:
     """Per-record Dice at 1918×1280 (NaN for a record skipped as unreadable)."""
-    return single(variables, apply_fn, config, mesh, hflip_tta).dice(records, config, progress=progress)[0]
+    ensemble = single(variables, apply_fn, config, mesh, hflip_tta, tta=tta, postprocess=postprocess)
+    return ensemble.dice(records, config, progress=progress)[0]
 
 
-def predict_masks(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False
-                  ) -> Iterator[tuple[Record, np.ndarray]]:
+def predict_masks(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False, tta=None,
+                  postprocess="none") -> Iterator[tuple[Record, np.ndarray]]:
     """(record, binary uint8 1280×1918 mask) for each record, in order."""
-    for index, mask in single(variables, apply_fn, config, mesh, hflip_tta).masks(records, config):
+    ensemble = single(variables, apply_fn, config, mesh, hflip_tta, tta=tta, postprocess=postprocess)
+    for index, mask in ensemble.masks(records, config):
         yield records[index], mask
 
 

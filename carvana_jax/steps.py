@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 
 from carvana_jax import metrics as metrics_lib
+from carvana_jax.data.augment import pad_offsets
 from carvana_jax.models.unet import AXIS
 from carvana_jax.rle import FULL_SHAPE
 
@@ -44,14 +45,94 @@ def train_step(state, batch, *, loss_fn, schedule):
     return new_state, metrics
 
 
-def predict_probs(variables, images, apply_fn, hflip_tta: bool = False):
-    """Probabilities at model size; with h-flip TTA, the mean with the flipped image's prediction."""
+# Test-time augmentation: each transform's views are predicted on the transformed input and mapped back,
+# and the mean over the plain view and all of them is taken at model size, before any up-sampling.
+TTA = ("hflip", "shift", "scale")
+SHIFT_PX = 4          # 'shift': two views, the input moved by (+4, +4) and (-4, -4) model pixels (edges repeated)
+SCALES = (0.9, 1.1)   # 'scale': two views, the input resized by these factors (to a multiple of the model's)
+
+
+def parse_tta(spec) -> tuple[str, ...]:
+    """The transforms of a TTA spec ('none', or a comma list of TTA's names), in TTA's order; ValueError
+    naming a bad one."""
+    parts = [] if spec is None else spec.split(",") if isinstance(spec, str) else list(spec)
+    names = set()
+    for part in (p.strip().lower() for p in parts):
+        if part not in ("", "none") and part not in TTA:
+            raise ValueError(f"tta: unknown transform {part!r} (choose from none, {', '.join(TTA)}, or a comma "
+                             "list of them)")
+        names.add(part)
+    return tuple(t for t in TTA if t in names)
+
+
+def tta_name(spec) -> str:
+    """The canonical spelling of a TTA spec: 'none', or its transforms in TTA's order ('hflip,shift')."""
+    return ",".join(parse_tta(spec)) or "none"
+
+
+def tta_views(tta) -> tuple[tuple, ...]:
+    """The views a TTA predicts besides the plain one: ('hflip',), ('shift', dy, dx), ('scale', f)."""
+    views = []
+    for name in parse_tta(tta):
+        if name == "hflip":
+            views.append(("hflip",))
+        elif name == "shift":
+            views += [("shift", SHIFT_PX, SHIFT_PX), ("shift", -SHIFT_PX, -SHIFT_PX)]
+        else:
+            views += [("scale", f) for f in SCALES]
+    return tuple(views)
+
+
+def shift(x, dy: int, dx: int):
+    """(B, H, W, ...) moved by dy rows and dx columns: out[i, j] = x[i - dy, j - dx], the edge rows and
+    columns repeated where that falls outside."""
+    a, b = abs(dy), abs(dx)
+    padded = jnp.pad(x, [(0, 0), (a, a), (b, b)] + [(0, 0)] * (x.ndim - 3), mode="edge")
+    return padded[:, a - dy:a - dy + x.shape[1], b - dx:b - dx + x.shape[2]]
+
+
+def scaled_size(hw, factor: float, multiple: int = 1) -> tuple[int, int]:
+    """(H, W) times ``factor``, each rounded to the nearest multiple of ``multiple`` (at least one)."""
+    return tuple(max(multiple, int(round(v * factor / multiple)) * multiple) for v in hw)
+
+
+def predict_probs(variables, images, apply_fn, hflip_tta: bool = False, *, tta=None, multiple: int = 1):
+    """Probabilities at model size: the mean over the plain prediction and each TTA view's (``tta``: a
+    spec for ``parse_tta``; the older ``hflip_tta=True`` means tta='hflip'). 'hflip' predicts the mirrored
+    image and mirrors back; 'shift' predicts inputs moved by ±SHIFT_PX (edges repeated) and moves back;
+    'scale' predicts the input resized by each of SCALES (to sizes that are multiples of ``multiple``,
+    2**depth for a U-Net) and resizes the probabilities back (bilinear, antialiased when shrinking)."""
+    views = tta_views(("hflip",) if tta is None and hflip_tta else tta)
     x = normalise(images)
-    probs = jax.nn.sigmoid(apply_fn(variables, x, train=False))
-    if hflip_tta:
-        flipped = jax.nn.sigmoid(apply_fn(variables, x[:, :, ::-1], train=False))[:, :, ::-1]
-        probs = (probs + flipped) / 2
-    return probs
+    hw = x.shape[1:3]
+
+    def predict(z):
+        return jax.nn.sigmoid(apply_fn(variables, z, train=False))
+
+    probs = predict(x)
+    for view in views:
+        if view[0] == "hflip":
+            p = predict(x[:, :, ::-1])[:, :, ::-1]
+        elif view[0] == "shift":
+            p = shift(predict(shift(x, view[1], view[2])), -view[1], -view[2])
+        else:
+            size = scaled_size(hw, view[1], multiple)
+            z = jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="bilinear")
+            p = jax.image.resize(predict(z), (x.shape[0], *hw), method="bilinear")
+        probs = probs + p
+    return probs / (len(views) + 1) if views else probs
+
+
+def crop(probs, shape=FULL_SHAPE):
+    """The ``shape`` photo's pixels of (B, h, w) probabilities predicted on it padded to (h, w) by
+    fit='pad' (``augment.pad_offsets`` says where it sits): no interpolation at all."""
+    top, left = pad_offsets(shape, probs.shape[1:3])
+    return probs[:, top:top + shape[0], left:left + shape[1]]
+
+
+def to_full(probs, fit: str = "resize", shape=FULL_SHAPE):
+    """Model-size probabilities → the photo's ``shape``: up-sampled (fit='resize') or cropped (fit='pad')."""
+    return crop(probs, shape) if fit == "pad" else upsample(probs, shape)
 
 
 def _lerp_along(x, axis: int, size: int):
@@ -79,20 +160,27 @@ def upsample(probs, shape=FULL_SHAPE):
     return _lerp_along(_lerp_along(probs, 1, shape[0]), 2, shape[1])
 
 
-def full_res_masks(variables, images, *, apply_fn, threshold=0.5, hflip_tta=False):
+def full_res_masks(variables, images, *, apply_fn, threshold=0.5, hflip_tta=False, tta=None, multiple=1,
+                   fit="resize"):
     """Binary uint8 masks at 1280×1918 for a batch of model-size images."""
-    probs = upsample(predict_probs(variables, images, apply_fn, hflip_tta))
+    probs = to_full(predict_probs(variables, images, apply_fn, hflip_tta, tta=tta, multiple=multiple), fit)
     return (probs > threshold).astype(jnp.uint8)
 
 
-# Ensembles: ``members`` is a tuple of each model's variables, ``apply_fns`` their apply functions and
-# ``image_keys`` which batch key holds each model's input (models of one input size share one key).
+# Ensembles: ``members`` is a tuple of each model's variables, ``apply_fns`` their apply functions,
+# ``image_keys`` which batch key holds each model's input (models of one input size and fit share one
+# key), ``multiples`` each one's input multiple (for TTA 'scale') and ``fits`` how its input was fitted.
 
-def ensemble_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, shape=FULL_SHAPE):
-    """Mean over models of each one's probabilities at its own size, up-sampled to ``shape`` first."""
+def ensemble_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, tta=None, multiples=None,
+                   fits=None, shape=FULL_SHAPE):
+    """Mean over models of each one's probabilities at its own size (TTA included), brought to ``shape``
+    first (``to_full``)."""
     total = None
-    for variables, apply_fn, key in zip(members, apply_fns, image_keys):
-        probs = upsample(predict_probs(variables, batch[key], apply_fn, hflip_tta), shape)
+    multiples = multiples or (1,) * len(apply_fns)
+    fits = fits or ("resize",) * len(apply_fns)
+    for variables, apply_fn, key, multiple, fit in zip(members, apply_fns, image_keys, multiples, fits):
+        probs = to_full(predict_probs(variables, batch[key], apply_fn, hflip_tta, tta=tta, multiple=multiple),
+                        fit, shape)
         total = probs if total is None else total + probs
     return total if len(apply_fns) == 1 else total / len(apply_fns)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, predict, rle, steps, train
+from carvana_jax import parallel, postprocess, predict, rle, steps, train
 from carvana_jax.checkpoint import CheckpointError
+from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +110,70 @@ def test_hflip_tta_runs_and_changes_the_prediction(workdir, tmp_path):
     assert 0.0 <= flipped["dice"] <= 1.0 and flipped["dice"] != plain["dice"]
 
 
+@pytest.fixture(scope="module")
+def workdir_defaults(workdir, tmp_path_factory):
+    """The first checkpoint with tta='hflip' and postprocess='clean' stored in its config: eval's defaults."""
+    path = tmp_path_factory.mktemp("eval") / "run_defaults"
+    shutil.copytree(workdir, path)
+    meta = path / "checkpoints" / "3" / "config" / "metadata"
+    config = json.loads(meta.read_text())
+    config.update(tta="hflip", postprocess="clean")
+    meta.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_postprocessed_val_dice_is_the_dice_of_the_cleaned_masks(workdir, kaggle_dir, tmp_path):
+    result = eval_lib.evaluate(workdir, split="val", postprocess="clean", out=str(tmp_path / "ev"), progress=False)
+    assert result["postprocess"] == "components,fill"
+    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
+    expected, changed = {}, 0
+    for record, pred in predict.predict_masks(variables, apply_fn, val_records, config, parallel.make_mesh()):
+        cleaned = postprocess.apply(pred, "clean")  # by hand, on the unprocessed mask
+        changed += int((cleaned != pred).any())
+        expected[f"{record.name}.jpg"] = _dice(cleaned, augment.decode_mask(record.mask_path))
+    assert changed >= 1, "the test needs masks that post-processing changes"
+    per_image = _per_image(tmp_path / "ev")
+    assert list(per_image) == list(expected)
+    np.testing.assert_allclose(list(per_image.values()), list(expected.values()), atol=1e-9)
+    assert result["dice"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
+
+
+def test_tta_and_postprocess_default_to_the_checkpoints_config(workdir, workdir_defaults, tmp_path):
+    default = eval_lib.evaluate(workdir_defaults, split="val", out=str(tmp_path / "a"), progress=False)
+    assert default["tta"] == "hflip" and default["postprocess"] == "components,fill"
+    explicit = eval_lib.evaluate(workdir, split="val", tta="hflip", postprocess="clean", out=str(tmp_path / "b"),
+                                 progress=False)
+    assert default["dice"] == explicit["dice"]
+    overridden = eval_lib.evaluate(workdir_defaults, split="val", tta="none", postprocess="none",
+                                   out=str(tmp_path / "c"), progress=False)
+    plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "d"), progress=False)
+    assert overridden["tta"] == plain["tta"] == "none" and overridden["dice"] == plain["dice"]
+
+
+def test_shift_and_scale_tta_run_end_to_end(workdir, tmp_path):
+    result = eval_lib.evaluate(workdir, split="val", tta="scale,shift,hflip", out=str(tmp_path / "ev"),
+                               progress=False)
+    assert result["tta"] == "hflip,shift,scale" and 0.0 <= result["dice"] <= 1.0
+    with pytest.raises(ConfigError, match="'vflip'"):
+        eval_lib.evaluate(workdir, split="val", tta="hflip,vflip", progress=False)
+    with pytest.raises(ConfigError, match="'holes'"):
+        eval_lib.evaluate(workdir, split="val", postprocess="holes", progress=False)
+
+
+def test_postprocessed_submission_rows_are_the_cleaned_masks(workdir, kaggle_dir, tmp_path):
+    out = str(tmp_path / "submission.csv")
+    eval_lib.evaluate(workdir, split="test", out=out, postprocess="clean", progress=False)
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    records = kaggle.index_test(kaggle_dir)[:4]
+    for (name, text), (record, mask) in zip(rows, predict.predict_masks(variables, apply_fn, records, config,
+                                                                        parallel.make_mesh())):
+        assert name == f"{record.name}.jpg"
+        np.testing.assert_array_equal(rle.decode(text), postprocess.apply(mask, "clean"))
+
+
 def test_submission_lists_every_test_image_once_in_order_with_decodable_masks(workdir, kaggle_dir, tmp_path):
     out = str(tmp_path / "submission.csv")
     eval_lib.evaluate(workdir, split="test", out=out, progress=False)
@@ -158,6 +223,13 @@ def _eval_command(*args):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
     return subprocess.run([sys.executable, "-m", "carvana_jax.eval", *args], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=300)
+
+
+def test_command_with_a_bad_tta_says_so_in_one_line(workdir):
+    proc = _eval_command("--ckpt", workdir, "--split", "val", "--tta", "hflip,mirror")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'mirror'" in errors[0], proc.stderr
 
 
 def test_command_with_a_ckpt_pointing_at_nothing_says_so_in_one_line(tmp_path):

@@ -343,3 +343,58 @@ def test_skip_bad_files_with_workers_gives_the_in_process_batches(data_with_bad_
     for a, b in zip(batches[0], batches[2]):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+# ------------------------------------------------------------------------------- higher-quality photos
+
+def _hq_copy(src_folder: str, dst_folder, names=None) -> None:
+    """The photos of ``src_folder`` re-encoded at JPEG quality 100 (other bytes, same names), as train_hq/ is."""
+    os.makedirs(dst_folder)
+    for filename in sorted(os.listdir(src_folder)):
+        if names is None or filename.removesuffix(".jpg") in names:
+            with Image.open(os.path.join(src_folder, filename)) as im:
+                im.save(os.path.join(dst_folder, filename), quality=100)
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["folders", "zips"])
+def test_hq_folders_are_read_instead_when_present(kaggle_dir, tmp_path, zipped):
+    names = train_names(kaggle_dir)[:6]
+    data = copy_subset(kaggle_dir, tmp_path / "d", names=names, test=True)
+    hq_root = str(tmp_path / "hq") if zipped else data
+    _hq_copy(os.path.join(data, "train"), os.path.join(hq_root, "train_hq"))
+    _hq_copy(os.path.join(data, "test"), os.path.join(hq_root, "test_hq"))
+    if zipped:
+        zip_folder(hq_root, "train_hq", os.path.join(data, "train_hq.zip"))
+        zip_folder(hq_root, "test_hq", os.path.join(data, "test_hq.zip"))
+    plain_train, plain_test = kaggle.index_train(kaggle_dir), kaggle.index_test(kaggle_dir)
+    records = kaggle.index_train(data)
+    assert [r.name for r in records] == names
+    for r in records:
+        assert r.image_path == os.path.join(data, "train_hq", f"{r.name}.jpg")
+        assert r.mask_path == os.path.join(data, "train_masks", f"{r.name}_mask.gif")  # masks: as before
+        assert r.mask_rle == next(p.mask_rle for p in plain_train if p.name == r.name)
+    tests = kaggle.index_test(data)
+    assert [r.name for r in tests] == [r.name for r in plain_test]
+    assert all(r.image_path == os.path.join(data, "test_hq", f"{r.name}.jpg") for r in tests)
+    # The pipeline reads the hq bytes (the quality-100 decode), not the train/ photo's.
+    config = small_config(data)
+    item = pipeline.LoadForEval(config.image_size).map_with_index(0, records[0])
+    hq_photo, full_hw = augment.decode_image(records[0].image_path, config.image_size)
+    matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, hq_photo.shape[:2], config.image_size)
+    np.testing.assert_array_equal(item["image"], augment.warp(hq_photo, matrix, config.image_size))
+    with open(records[0].image_path, "rb") as a, open(os.path.join(data, "train", f"{names[0]}.jpg"), "rb") as b:
+        assert a.read() != b.read()
+    # Without the hq folders (and zips), train/ and test/ again.
+    for folder in ("train_hq", "test_hq"):
+        shutil.rmtree(os.path.join(data, folder))
+        if zipped:
+            os.remove(os.path.join(data, f"{folder}.zip"))
+    assert kaggle.index_train(data)[0].image_path == os.path.join(data, "train", f"{names[0]}.jpg")
+    assert kaggle.image_dir(data, "test") == os.path.join(data, "test")
+
+
+def test_hq_folder_alone_without_train(kaggle_dir, tmp_path):
+    data = copy_subset(kaggle_dir, tmp_path / "d", names=train_names(kaggle_dir)[:3])
+    os.rename(os.path.join(data, "train"), os.path.join(data, "train_hq"))
+    records = kaggle.index_train(data)
+    assert len(records) == 3 and all("train_hq" in r.image_path for r in records)

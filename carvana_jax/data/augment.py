@@ -109,9 +109,56 @@ def dct_matrix(src_hw: tuple[int, int], full_hw: tuple[int, int]) -> np.ndarray:
     return _translate(-0.5, -0.5) @ _scale(kx, ky) @ _translate(0.5, 0.5)
 
 
-def composed_matrix(p: AugmentParams, full_hw, src_hw, dst_hw) -> np.ndarray:
-    """Map from a src_hw decode of the full_hw photo to the dst_hw training image, augmentation included."""
-    return resize_matrix(full_hw, dst_hw) @ augment_matrix(p, full_hw) @ dct_matrix(src_hw, full_hw)
+# How the photo is brought to the model's size (config key ``fit``): 'resize' stretches it onto image_size;
+# 'pad' puts it unscaled in the middle of an image_size at most the photo's size rounded up to a multiple of
+# PAD_MULTIPLE (1280×1918 → 1280×1920: one column each side), the rim filled by PAD_BORDER, and the
+# prediction is cropped back (steps.crop) with no interpolation anywhere.
+FITS = ("resize", "pad")
+PAD_MULTIPLE = 64
+# cv2.BORDER_REFLECT is np.pad(mode='symmetric'): the rim mirrors the photo's edge, edge pixel included (for a
+# one-pixel rim: the edge column repeated). With fit='pad' it fills every warp's out-of-photo pixels, the
+# augmentation's too, for the photo and its mask alike.
+PAD_BORDER = cv2.BORDER_REFLECT
+
+
+def pad_offsets(full_hw, dst_hw) -> tuple[int, int]:
+    """(top, left) of a full_hw photo padded into a dst_hw image by fit='pad' (the odd pixel goes last)."""
+    return (dst_hw[0] - full_hw[0]) // 2, (dst_hw[1] - full_hw[1]) // 2
+
+
+def check_fit(full_hw, dst_hw, fit: str) -> None:
+    """ValueError unless ``fit`` is one of FITS and, for 'pad', dst_hw is full_hw rounded up (by less
+    than PAD_MULTIPLE on each axis)."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}; got {fit!r}")
+    if fit == "pad":
+        up = tuple(-(-v // PAD_MULTIPLE) * PAD_MULTIPLE for v in full_hw)
+        if not all(f <= d <= u for f, d, u in zip(full_hw, dst_hw, up)):
+            raise ValueError(f"fit='pad' pads the {full_hw[1]}x{full_hw[0]} photo to image_size, so image_size must "
+                             f"be the photo's size rounded up (at most to a multiple of {PAD_MULTIPLE}: "
+                             f"({full_hw[0]}..{up[0]}, {full_hw[1]}..{up[1]}), e.g. {up}); got "
+                             f"{tuple(dst_hw)}. Use fit='resize' for other sizes")
+
+
+def fit_matrix(full_hw, dst_hw, fit: str = "resize") -> np.ndarray:
+    """Map from the full_hw photo onto the dst_hw model image: the resize, or for fit='pad' the whole-pixel
+    translation to ``pad_offsets``."""
+    check_fit(full_hw, dst_hw, fit)
+    if fit == "pad":
+        top, left = pad_offsets(full_hw, dst_hw)
+        return _translate(left, top)
+    return resize_matrix(full_hw, dst_hw)
+
+
+def fit_border(fit: str = "resize") -> int:
+    """The cv2 border mode of a warp to a ``fit`` image: PAD_BORDER for 'pad', else the edge repeated."""
+    return PAD_BORDER if fit == "pad" else cv2.BORDER_REPLICATE
+
+
+def composed_matrix(p: AugmentParams, full_hw, src_hw, dst_hw, fit: str = "resize") -> np.ndarray:
+    """Map from a src_hw decode of the full_hw photo to the dst_hw training image, augmentation included
+    (``fit_matrix`` says how the photo meets dst_hw)."""
+    return fit_matrix(full_hw, dst_hw, fit) @ augment_matrix(p, full_hw) @ dct_matrix(src_hw, full_hw)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -248,10 +295,11 @@ class MaskSource:
 
 # ------------------------------------------------------------------------------------------ warping
 
-def warp(array: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np.ndarray | None = None
-         ) -> np.ndarray:
-    """Bilinear warp by a 3×3 forward matrix; borders repeat the edge pixels. Done in column strips of
-    WARP_STRIP output pixels (see the module doc); written into ``out`` when given."""
+def warp(array: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np.ndarray | None = None,
+         border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+    """Bilinear warp by a 3×3 forward matrix; pixels from outside ``array`` follow the cv2 ``border`` mode
+    (default: the edge pixels repeated; ``fit_border``). Done in column strips of WARP_STRIP output pixels
+    (see the module doc); written into ``out`` when given."""
     h, w = dst_hw
     if out is None:
         out = np.empty((h, w) + array.shape[2:], array.dtype)
@@ -260,21 +308,22 @@ def warp(array: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np
         x1 = min(x0 + WARP_STRIP, w)
         strip[0, 2] = matrix[0, 2] - x0
         cv2.warpAffine(array, strip, (x1 - x0, h), dst=out[:, x0:x1], flags=cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REPLICATE)
+                       borderMode=border)
     return out
 
 
-def _warp_mask255(mask255: np.ndarray, matrix, dst_hw, out=None) -> np.ndarray:
+def _warp_mask255(mask255: np.ndarray, matrix, dst_hw, out=None, border: int = cv2.BORDER_REPLICATE
+                  ) -> np.ndarray:
     """A 0/255 mask warped bilinearly and thresholded at one half into a 0/1 mask (in place)."""
-    warped = warp(mask255, matrix, dst_hw, out)
+    warped = warp(mask255, matrix, dst_hw, out, border)
     cv2.threshold(warped, 127, 1, cv2.THRESH_BINARY, dst=warped)  # ≥ 128 → 1
     return warped
 
 
-def warp_mask(mask: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np.ndarray | None = None
-              ) -> np.ndarray:
+def warp_mask(mask: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np.ndarray | None = None,
+              border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
     """Warp a 0/1 mask bilinearly and threshold at one half: binary, and aligned with the image."""
-    return _warp_mask255(mask * np.uint8(255), matrix, dst_hw, out)
+    return _warp_mask255(mask * np.uint8(255), matrix, dst_hw, out, border)
 
 
 def colour_matrix(p: AugmentParams, mean_rgb) -> np.ndarray | None:
@@ -307,20 +356,22 @@ def jitter_colour(image: np.ndarray, p: AugmentParams, out: np.ndarray | None = 
 
 def load_pair(image: Source, mask: Source | MaskSource | None, dst_hw, params: AugmentParams = AugmentParams(),
               *, name: str | None = None, out_image: np.ndarray | None = None,
-              out_mask: np.ndarray | None = None):
+              out_mask: np.ndarray | None = None, fit: str = "resize"):
     """(image, mask) warped to dst_hw with one composed affine each; mask is None when ``mask`` is.
 
     ``image`` is the JPEG's path or bytes; ``mask`` its mask's path or bytes (a GIF/PNG) or a
     MaskSource (e.g. an RLE). ``name`` names the example in errors about bytes. The results go into
-    ``out_image`` (H×W×3) and ``out_mask`` (H×W) when given. Sizes must agree."""
+    ``out_image`` (H×W×3) and ``out_mask`` (H×W) when given. Sizes must agree. ``fit`` ('resize' or 'pad') is
+    how the photo meets dst_hw (``fit_matrix``), with its border mode (``fit_border``) for both."""
     photo, full_hw = decode_image(image, dst_hw, name)
-    matrix = composed_matrix(params, full_hw, photo.shape[:2], dst_hw)
-    out_image = warp(photo, matrix, dst_hw, out_image)
+    matrix = composed_matrix(params, full_hw, photo.shape[:2], dst_hw, fit)
+    border = fit_border(fit)
+    out_image = warp(photo, matrix, dst_hw, out_image, border)
     jitter_colour(out_image, params, out=out_image)
     if mask is None:
         return out_image, None
     if not isinstance(mask, MaskSource):
         mask = MaskSource(file=mask, name=name)
     mask255 = mask.decode(full_hw, value=255, image_name=source_name(image, name))
-    mask_matrix = composed_matrix(params, full_hw, full_hw, dst_hw)
-    return out_image, _warp_mask255(mask255, mask_matrix, dst_hw, out_mask)
+    mask_matrix = composed_matrix(params, full_hw, full_hw, dst_hw, fit)
+    return out_image, _warp_mask255(mask255, mask_matrix, dst_hw, out_mask, border)

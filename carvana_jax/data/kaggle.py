@@ -2,7 +2,8 @@
 
 Layout (as `kaggle competitions download -c carvana-image-masking-challenge` gives it, zipped or
 unzipped): train/ID_NN.jpg, train_masks/ID_NN_mask.gif, train_masks.csv, test/ID_NN.jpg,
-sample_submission.csv, metadata.csv.
+sample_submission.csv, metadata.csv. Kaggle's higher-quality JPEGs of the same photos, train_hq/ and
+test_hq/ (same names; train_hq.zip / test_hq.zip), are read instead of train/ and test/ when present.
 """
 from __future__ import annotations
 
@@ -69,6 +70,15 @@ def ensure_unzipped(data_dir: str, member: str) -> str:
     return path
 
 
+def image_dir(data_dir: str, split: str) -> str:
+    """The folder of ``split``'s photos ('train' or 'test'): Kaggle's higher-quality ``SPLIT_hq/`` when it or
+    ``SPLIT_hq.zip`` is there (extracted once), else ``SPLIT/`` (or ``SPLIT.zip``)."""
+    hq = f"{split}_hq"
+    if os.path.exists(os.path.join(data_dir, hq)) or os.path.exists(os.path.join(data_dir, hq + ".zip")):
+        return ensure_unzipped(data_dir, hq)
+    return ensure_unzipped(data_dir, split)
+
+
 def _require_dir(data_dir: str) -> None:
     if not os.path.isdir(data_dir) or not os.listdir(data_dir):
         raise DataError(f"data_dir {data_dir!r} is missing or empty; {GET_DATA}")
@@ -86,9 +96,9 @@ def _list_images(folder: str, what: str) -> list[str]:
 def index_train(data_dir: str) -> list[Record]:
     """Every training photo with its mask GIF, sorted by name; a photo without a mask is an error."""
     _require_dir(data_dir)
-    image_dir = ensure_unzipped(data_dir, "train")
+    images = image_dir(data_dir, "train")
     mask_dir = ensure_unzipped(data_dir, "train_masks")
-    names = _list_images(image_dir, "training")
+    names = _list_images(images, "training")
     if not os.path.isdir(mask_dir):
         raise DataError(f"{mask_dir} (the training masks) is missing; {GET_DATA}")
     masks = set(os.listdir(mask_dir))
@@ -99,7 +109,7 @@ def index_train(data_dir: str) -> list[Record]:
         mask_file = f"{name}_mask.gif"
         if mask_file not in masks:
             raise DataError(f"{os.path.join(mask_dir, mask_file)}: mask missing for {filename}")
-        records.append(Record(name, car_id, angle, os.path.join(image_dir, filename),
+        records.append(Record(name, car_id, angle, os.path.join(images, filename),
                               os.path.join(mask_dir, mask_file), rles.get(filename)))
     return records
 
@@ -132,14 +142,14 @@ def read_submission_order(data_dir: str) -> list[str]:
 def index_test(data_dir: str) -> list[Record]:
     """Test photos in sample_submission order; a listed photo that is missing is an error."""
     _require_dir(data_dir)
-    image_dir = ensure_unzipped(data_dir, "test")
-    present = set(_list_images(image_dir, "test"))
+    images = image_dir(data_dir, "test")
+    present = set(_list_images(images, "test"))
     records = []
     for filename in read_submission_order(data_dir):
         if filename not in present:
-            raise DataError(f"{os.path.join(image_dir, filename)}: listed in sample_submission.csv but missing")
+            raise DataError(f"{os.path.join(images, filename)}: listed in sample_submission.csv but missing")
         name, car_id, angle = parse_name(filename)
-        records.append(Record(name, car_id, angle, os.path.join(image_dir, filename)))
+        records.append(Record(name, car_id, angle, os.path.join(images, filename)))
     return records
 
 

@@ -82,10 +82,11 @@ def element_parts(element: Element) -> Parts:
 class PairedAugment(grain.transforms.RandomMap):
     """Element → {'image': uint8 H×W×3, 'mask': uint8 H×W}, one random affine shared by both."""
 
-    def __init__(self, image_size, augment_cfg, skip_bad_files: bool = False):
+    def __init__(self, image_size, augment_cfg, skip_bad_files: bool = False, fit: str = "resize"):
         self.image_size = tuple(image_size)
         self.augment_cfg = augment_cfg
         self.skip_bad_files = skip_bad_files
+        self.fit = fit  # 'resize' | 'pad': augment.fit_matrix
 
     def random_map(self, element: Element, rng: np.random.Generator):
         params = augment.sample_params(rng, self.augment_cfg)
@@ -93,7 +94,8 @@ class PairedAugment(grain.transforms.RandomMap):
             parts = element_parts(element)
             if parts.mask is None:
                 raise DataError(f"{augment.source_name(parts.image, parts.name)}: a training example without a mask")
-            image, mask = augment.load_pair(parts.image, parts.mask, self.image_size, params, name=parts.name)
+            image, mask = augment.load_pair(parts.image, parts.mask, self.image_size, params, name=parts.name,
+                                            fit=self.fit)
         except DataError as e:
             if not self.skip_bad_files:
                 raise
@@ -102,18 +104,22 @@ class PairedAugment(grain.transforms.RandomMap):
 
 
 class LoadForEval(grain.transforms.MapWithIndex):
-    """Element → model-size image, its index, and the full-resolution mask when the element has one."""
+    """Element → model-size image (fitted as ``fit`` says: augment.fit_matrix), its index, and the
+    full-resolution mask when the element has one."""
 
-    def __init__(self, image_size, skip_bad_files: bool = False):
+    def __init__(self, image_size, skip_bad_files: bool = False, fit: str = "resize"):
         self.image_size = tuple(image_size)
         self.skip_bad_files = skip_bad_files
+        self.fit = fit
 
     def map_with_index(self, index: int, element: Element):
         try:
             parts = element_parts(element)
             photo, full_hw = augment.decode_image(parts.image, self.image_size, parts.name)
-            matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], self.image_size)
-            item = {"image": augment.warp(photo, matrix, self.image_size), "index": np.int64(index)}
+            matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], self.image_size,
+                                             self.fit)
+            item = {"image": augment.warp(photo, matrix, self.image_size, border=augment.fit_border(self.fit)),
+                    "index": np.int64(index)}
             if parts.mask is not None:
                 item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
         except DataError as e:
@@ -198,7 +204,8 @@ def train_dataset(records: list[Element], config, process_index: int = 0, proces
         raise DataError("no training images (is val_fraction too large?)")
     workers = config.num_workers
     ds = grain.MapDataset.source(records).shuffle(seed=config.seed).repeat()
-    ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files), seed=config.seed)
+    ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files,
+                                     fit=config.get("fit", "resize")), seed=config.seed)
     local_batch = config.batch_size // process_count
     ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count, start), workers, local_batch)
     return ds.filter(is_good).batch(local_batch, drop_remainder=True)
@@ -209,6 +216,6 @@ def eval_dataset(records: list[Element], config, batch_size: int, num_workers: i
     """Every record once, in order, mapped by ``transform`` (default: LoadForEval at the model's size, with
     full-size masks where known)."""
     workers = config.num_workers if num_workers is None else num_workers
-    transform = transform or LoadForEval(config.image_size, config.skip_bad_files)
+    transform = transform or LoadForEval(config.image_size, config.skip_bad_files, config.get("fit", "resize"))
     ds = grain.MapDataset.source(records).map_with_index(transform)
     return parallel(ds, workers, batch_size).filter(is_good).batch(batch_size, drop_remainder=False)

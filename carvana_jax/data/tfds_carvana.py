@@ -75,6 +75,7 @@ It must hold, zipped or unzipped (a `NAME.zip` is extracted next to itself on fi
     train_masks/ID_NN_mask.gif   (or train_masks.zip)     their masks, palette GIF, 1 = car
     train_masks.csv              (or train_masks.csv.zip) RLE of the masks (optional, cross-checked)
     test/ID_NN.jpg               (or test.zip)            test photos, no masks
+    train_hq/, test_hq/          (or their .zip; optional) higher-quality JPEGs, read instead when there
     sample_submission.csv        (or .csv.zip)            fixes the order of the test split
 
 Or make a small synthetic dataset in the same layout:
@@ -368,7 +369,7 @@ def _index_train(data_dir: str, skip_bad_files: bool) -> list[kaggle.Record]:
     example then fails when generated, and is skipped and counted)."""
     if not skip_bad_files:
         return kaggle.index_train(data_dir)
-    image_dir = kaggle.ensure_unzipped(data_dir, "train")
+    image_dir = kaggle.image_dir(data_dir, "train")  # train_hq/ when there is one
     mask_dir = kaggle.ensure_unzipped(data_dir, "train_masks")
     names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(".jpg")) \
         if os.path.isdir(image_dir) and os.path.isdir(mask_dir) else []
