@@ -2,7 +2,7 @@
 
 Keys (all overridable as --config.KEY=VALUE; an unknown key is an error):
   data_dir, data_source, tfds_dir, seed, image_size (H, W), batch_size (global), grad_accum_steps,
-  num_train_steps (optimiser updates), val_fraction, learning_rate, warmup_steps, optimizer,
+  num_train_steps (optimiser updates), val_fraction, val_cars, learning_rate, warmup_steps, optimizer,
   weight_decay, grad_clip_norm, checkpoint_every, eval_every, keep_checkpoints, log_every,
   num_workers, skip_bad_files, loss, loss_boundary_*, soft_masks, ema_decay, pseudo_*, tta, postprocess, fit,
   threshold, num_plot_images, model.*, augment.*.
@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1            # micro-steps per optimiser update (optax.MultiSteps)
     c.num_train_steps = 20_000        # optimiser updates (not micro-steps)
     c.val_fraction = 0.0              # share of CARS held out; 0 trains on everything, as the seed did
+    c.val_cars = ()                   # car ids to hold out instead (needs val_fraction=0; cv's folds set it)
     c.learning_rate = 1e-3
     c.warmup_steps = 500              # updates of linear warm-up before the cosine decay
     c.optimizer = "adam"              # 'adam' | 'adamw' | 'rmsprop'
@@ -31,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss_boundary_width = 2         # model pixels from the true edge that count as "near" it
     c.soft_masks = False              # train on each pixel's car coverage (0..1) instead of a 0/1 mask
     c.ema_decay = 0.0                 # exponential moving average of the parameters (0 = off), used for validation
-    c.pseudo_labels = ""              # a submission CSV of test photos whose predicted masks are added to training
-    c.pseudo_fraction = 0.0           # share of each training batch drawn from the pseudo-labelled photos
+    c.pseudo_labels = ""              # a submission CSV (img,rle_mask) of test photos whose masks are added to
+                                      # training; the photos come from DATA_DIR/test (or the TFDS test split)
+    c.pseudo_fraction = 0.0           # share of each global training batch drawn from the pseudo-labelled
+                                      # photos, in [0, 1), rounded half up to whole photos
     c.tta = "none"                    # eval's default test-time augmentation (eval --tta overrides it)
     c.postprocess = "none"            # eval's default mask clean-up (eval --postprocess overrides it)
     c.fit = "resize"                  # 'resize' the photo to image_size | 'pad' it (reflect) and crop back

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -153,11 +154,26 @@ def index_test(data_dir: str) -> list[Record]:
     return records
 
 
-def split_by_car(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(train, val): whole cars go to validation, so no car's angles fall on both sides."""
+def split_by_car(records: list[Record], val_fraction: float, seed: int,
+                 val_cars: Sequence[str] = ()) -> tuple[list[Record], list[Record]]:
+    """(train, val): whole cars go to validation, so no car's angles fall on both sides.
+
+    The held-out cars are ``val_cars`` when given (an explicit list, e.g. one fold of a cross-validation;
+    ``val_fraction`` must then be 0), else a seeded random ``val_fraction`` of them."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     cars = sorted({r.car_id for r in records})
+    if val_cars:
+        if val_fraction > 0:
+            raise DataError(f"val_cars and val_fraction={val_fraction} both choose held-out cars; set only one")
+        held_out = set(val_cars)
+        known = set(cars)
+        if unknown := [car for car in val_cars if car not in known]:
+            raise DataError(f"val_cars names car {unknown[0]}, which has no photo among the {len(cars)} "
+                            "training cars")
+        if held_out == known:
+            raise DataError(f"val_cars holds out all {len(cars)} training cars: none left to train on")
+        return ([r for r in records if r.car_id not in held_out], [r for r in records if r.car_id in held_out])
     num_val = int(round(val_fraction * len(cars)))
     if val_fraction > 0 and num_val == 0:
         num_val = 1

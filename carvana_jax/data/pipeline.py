@@ -4,7 +4,10 @@ Training: source → shuffle (reseeded each epoch) → repeat → random_map(Pai
 process's slice of every global batch → worker processes → drop bad files → batch. Sources hold
 folder Records (file paths) or TFDS example dicts (the files' bytes); both decode the same way.
 Randomness is keyed by the element's global index, so the same seed gives the same global batches whatever the
-number of processes, workers or micro-steps they are cut into. Workers each take every
+number of processes, workers or micro-steps they are cut into. With pseudo-labels, every global
+batch draws a fixed number of its elements from a second shuffled, repeated stream (test photos and
+the masks a submission CSV gives them) at fixed places, before the augmentation (``MixedBatches``), so
+one global index still says where the run is. Workers each take every
 num_workers-th element and grain interleaves them back in order, so the many-to-one steps (the
 filter and the batching) run after the workers, in this process: batched inside the workers, a
 batch would hold every num_workers-th element instead of consecutive ones.
@@ -21,7 +24,9 @@ worker's critical path instead of overlapping the next element.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import NamedTuple, Union
 
@@ -196,14 +201,68 @@ def parallel(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.I
                           worker_init_fn=keep_freed_memory)
 
 
+def pseudo_per_batch(fraction: float, batch_size: int) -> int:
+    """Pseudo-labelled elements in each global batch: ``fraction`` of ``batch_size``, rounded half up."""
+    return int(math.floor(fraction * batch_size + 0.5))
+
+
+class MixedBatches(grain.MapDataset):
+    """Two endless streams interleaved batch by batch: of every ``batch_size`` consecutive elements,
+    ``per_batch`` come from ``pseudo`` (spread evenly over the batch) and the rest from ``real``, each
+    stream read in its own order. Element i depends only on i, so the global stream position, the
+    per-process slices and resuming mean what they mean without pseudo-labels."""
+
+    def __init__(self, real: grain.MapDataset, pseudo: grain.MapDataset, batch_size: int, per_batch: int):
+        super().__init__([real, pseudo])
+        if not 0 < per_batch < batch_size:
+            raise ValueError(f"{per_batch} pseudo-labelled elements do not fit a batch of {batch_size} with real ones")
+        self._batch, self._per_batch = batch_size, per_batch
+
+    def __len__(self) -> int:
+        return sys.maxsize  # both streams repeat
+
+    def is_pseudo(self, index: int) -> bool:
+        """Whether element ``index`` comes from the pseudo-labelled stream."""
+        slot = index % self._batch
+        return (slot + 1) * self._per_batch // self._batch > slot * self._per_batch // self._batch
+
+    def __getitem__(self, index):
+        batch, slot = divmod(index, self._batch)
+        before = slot * self._per_batch // self._batch  # pseudo-labelled slots before this one in its batch
+        if self.is_pseudo(index):
+            return self._parents[1][batch * self._per_batch + before]
+        return self._parents[0][batch * (self._batch - self._per_batch) + slot - before]
+
+    def __str__(self) -> str:
+        return f"MixedBatches(batch_size={self._batch}, pseudo_per_batch={self._per_batch})"
+
+
+def mix_pseudo_labels(ds: grain.MapDataset, config, pseudo=None) -> grain.MapDataset:
+    """``ds`` (the shuffled, repeated training examples) with ``pseudo_per_batch(config.pseudo_fraction,
+    config.batch_size)`` elements of every global batch taken from the pseudo-labelled photos instead
+    (``pseudo``, default ``sources.pseudo_labelled(config)``), shuffled and repeated with a seed of their own;
+    ``ds`` itself without pseudo-labels."""
+    if not config.get("pseudo_labels", ""):
+        return ds
+    if pseudo is None:
+        from carvana_jax.data import sources  # sources reads the CSV (and imports the scorer)
+        pseudo = sources.pseudo_labelled(config)
+    seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])  # not the real stream's order
+    stream = grain.MapDataset.source(pseudo).shuffle(seed=seed).repeat()
+    return MixedBatches(ds, stream, config.batch_size, pseudo_per_batch(config.pseudo_fraction, config.batch_size))
+
+
 def train_dataset(records: list[Element], config, process_index: int = 0, process_count: int = 1,
-                  start: int = 0) -> grain.IterDataset:
+                  start: int = 0, pseudo=None) -> grain.IterDataset:
     """Endless training batches (this process's share) of augmented images and masks, from element ``start``
-    of the global stream (the number of elements earlier global batches took)."""
+    of the global stream (the number of elements earlier global batches took). With ``config.pseudo_labels``,
+    ``pseudo_per_batch`` elements of every global batch are pseudo-labelled test photos (``pseudo``, default
+    ``sources.pseudo_labelled(config)``): see ``mix_pseudo_labels``."""
     if not records:
         raise DataError("no training images (is val_fraction too large?)")
     workers = config.num_workers
     ds = grain.MapDataset.source(records).shuffle(seed=config.seed).repeat()
+    ds = mix_pseudo_labels(ds, config, pseudo)
     ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files,
                                      fit=config.get("fit", "resize")), seed=config.seed)
     local_batch = config.batch_size // process_count
