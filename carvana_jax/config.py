@@ -78,17 +78,3 @@ def _validate_prediction(config) -> None:
             check(*args)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-
-
-def _validate_prediction(config) -> None:
-    """fit (and, for 'pad', image_size against the 1918×1280 photo), tta and postprocess."""
-    from carvana_jax import postprocess, rle, steps
-    from carvana_jax.data import augment
-    checks = ((augment.check_fit, (rle.FULL_SHAPE, tuple(config.image_size), config.get("fit", "resize"))),
-              (steps.parse_tta, (config.get("tta", "none"),)),
-              (postprocess.parse, (config.get("postprocess", "none"),)))
-    for check, args in checks:
-        try:
-            check(*args)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
