@@ -3,7 +3,8 @@
 #   ./run.sh                      set up, make synthetic data, train configs/demo.py, evaluate, write a submission
 #   ./run.sh CONFIG [--config.k=v ...]   train CONFIG, then evaluate it (val Dice if it holds cars out) and submit
 #   ./run.sh test [pytest args]   set up and run the test suite
-# Set-up creates .venv (CUDA 12 jax where nvidia-smi works) and reinstalls when pyproject.toml changes.
+# Set-up creates .venv (CUDA 12 jax where nvidia-smi works) and reinstalls when pyproject.toml changes;
+# the test mode adds the 'torch' extra (CPU PyTorch, the reference of the pretrained-encoder tests).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -13,7 +14,8 @@ setup() {
   local extras="dev" stamp
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then extras="dev,cuda12"; fi
   stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)-$extras"
-  [[ -f "$stamp" ]] && return
+  [[ -f "$stamp,torch" || ( "$1" != test && -f "$stamp" ) ]] && return  # a test set-up serves the demo too
+  if [[ "$1" == test ]]; then extras="$extras,torch"; stamp="$stamp,torch"; fi
   echo "setting up $VENV (extras: $extras) ..."
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   if ! { "$PY" -m pip install --upgrade pip && "$PY" -m pip install -e ".[$extras]"; } >"$VENV/install.log" 2>&1; then
@@ -43,7 +45,7 @@ train_and_evaluate() {
   echo "submission: $workdir/submission.csv"
 }
 
-setup
+setup "${1:-}"
 export PYTHONUNBUFFERED=1
 case "${1:-}" in
   test)

@@ -17,6 +17,8 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit
+MODEL_KEY_DEFAULTS = {"model.encoder": "unet"}  # what a config saved before the key existed meant
+INIT_ONLY_KEYS = ("model.pretrained",)  # where a fresh run's first parameters came from, not what they are
 
 
 class CheckpointError(Exception):
@@ -127,6 +129,6 @@ def model_mismatch(saved, current) -> list[str]:
                 out.update({f"{key}.{k}": v for k, v in value.items()})
             else:
                 out[key] = list(value) if isinstance(value, (tuple, list)) else value
-        return out
+        return {**MODEL_KEY_DEFAULTS, **{k: v for k, v in out.items() if k not in INIT_ONLY_KEYS}}
     a, b = flat(saved), flat(current)
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -36,6 +36,7 @@ class MemoryEstimate:
     input_batch: int            # the uint8 images and masks
     remat: bool
     dtype: str
+    encoder: str = "unet"       # counted for the plain U-Net only (models/unet.py)
 
     @property
     def activations(self) -> int:
@@ -46,6 +47,8 @@ class MemoryEstimate:
         return self.params + self.optimizer + self.gradients + self.activations + self.input_batch
 
     def summary(self) -> str:
+        if self.encoder != "unet":
+            return f"memory estimate: not counted for encoder {self.encoder} (only the plain U-Net's is)"
         return (f"memory estimate per device ({self.dtype}{', remat' if self.remat else ''}): "
                 f"params {human_bytes(self.params)}, optimiser {human_bytes(self.optimizer)}, "
                 f"gradients {human_bytes(self.gradients)}, activations {human_bytes(self.activations_per_image)}/image "
@@ -172,7 +175,7 @@ def estimate(config, num_devices: int | None = None) -> MemoryEstimate:
         activations_per_image=activation_bytes_per_image(model_cfg, (h, w)),
         batch=batch,
         input_batch=batch * h * w * 4,  # uint8 RGB + uint8 mask
-        remat=bool(model_cfg.remat), dtype=model_cfg.dtype)
+        remat=bool(model_cfg.remat), dtype=model_cfg.dtype, encoder=model_cfg.get("encoder", "unet"))
 
 
 # ---------------------------------------------------------------------------------------------- measurement

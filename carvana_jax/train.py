@@ -27,7 +27,7 @@ from carvana_jax import losses, memory, optim, parallel, plots, predict, steps
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
-from carvana_jax.models import unet
+from carvana_jax.models import pretrained, unet
 from carvana_jax.train_state import create_train_state
 
 
@@ -105,10 +105,13 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
 
     model = unet.from_config(config.model)
     schedule = optim.learning_rate_schedule(config)
-    state = create_train_state(jax.random.PRNGKey(config.seed), model, optim.create_optimizer(config),
-                               tuple(config.image_size))
-    state = parallel.replicate(state, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    encoder_weights = None
+    if ckpt.latest_step() is None and config.model.pretrained:  # a fresh start: the encoder begins at ImageNet's
+        encoder_weights = pretrained.encoder_variables(config.model.pretrained, config.model.encoder)
+    state = create_train_state(jax.random.PRNGKey(config.seed), model, optim.create_optimizer(config),
+                               tuple(config.image_size), encoder_weights=encoder_weights)
+    state = parallel.replicate(state, mesh)
     data_state = None
     if (latest := ckpt.latest_step()) is not None:
         if mismatch := model_mismatch(ckpt.load_config(latest), config):

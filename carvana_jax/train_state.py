@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from carvana_jax.models import pretrained
+
 
 class TrainState(train_state.TrainState):
     """flax's TrainState plus BatchNorm statistics and a PRNG key. ``step`` counts micro-steps."""
@@ -25,9 +27,13 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_size: tuple[int, int]) -> TrainState:
+                       image_size: tuple[int, int], encoder_weights: dict | None = None) -> TrainState:
+    """A fresh state. With ``encoder_weights`` (models/pretrained.encoder_variables) the encoder starts from them
+    instead of at random."""
     init_rng, state_rng = jax.random.split(rng)
     init = jax.jit(model.init, static_argnames="train")  # one compiled program, not op-by-op dispatch
     variables = init(init_rng, jnp.zeros((1, *image_size, 3), jnp.float32), train=False)
+    if encoder_weights is not None:
+        variables = pretrained.merge_encoder(variables, encoder_weights)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), rng=state_rng)

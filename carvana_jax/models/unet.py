@@ -112,10 +112,14 @@ class UNet(nn.Module):
         return logits[..., 0].astype(jnp.float32)
 
 
-def from_config(model_cfg) -> UNet:
-    """The U-Net a ``config.model`` describes."""
+def from_config(model_cfg) -> nn.Module:
+    """The U-Net a ``config.model`` describes: this file's for encoder 'unet' (the default, and what configs saved
+    before the key existed mean), models/encoders.py's on a torchvision encoder for 'vgg11' or 'resnet34'."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if model_cfg.dtype not in dtypes:
         raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_cfg.dtype!r}")
+    if model_cfg.get("encoder", "unet") != "unet":
+        from carvana_jax.models import encoders
+        return encoders.from_config(model_cfg, dtypes[model_cfg.dtype])
     return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
                 dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat)
