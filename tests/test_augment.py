@@ -401,3 +401,86 @@ def test_load_pair_writes_into_given_arrays(photo):
     assert got[0] is out_image and got[1] is out_mask
     np.testing.assert_array_equal(out_image, image)
     np.testing.assert_array_equal(out_mask, mask)
+
+
+# ------------------------------------------------------------------------------- colour robustness
+
+def test_hue_rotation_by_120_degrees_cycles_the_channels_and_keeps_grey():
+    # A rotation by 120° about the grey axis maps R → G → B → R; any rotation leaves greys alone.
+    np.testing.assert_allclose(augment.hue_matrix(120.0) @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(augment.hue_matrix(120.0) @ [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], atol=1e-12)
+    for degrees in (7.0, -33.0):
+        np.testing.assert_allclose(augment.hue_matrix(degrees) @ [0.4, 0.4, 0.4], [0.4, 0.4, 0.4], atol=1e-12)
+        rgb = np.array([0.9, 0.2, 0.1])
+        assert (augment.hue_matrix(degrees) @ rgb).sum() == pytest.approx(rgb.sum())
+        assert np.linalg.norm(augment.hue_matrix(degrees) @ rgb) == pytest.approx(np.linalg.norm(rgb))
+
+
+def test_greyscale_and_channel_shuffle_equal_their_numpy_versions():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    shuffled = augment.jitter_colour(image, augment.AugmentParams(channels=(2, 0, 1)))
+    np.testing.assert_array_equal(shuffled, image[..., [2, 0, 1]])
+    grey = augment.jitter_colour(image, augment.AugmentParams(greyscale=True))
+    expected = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(grey.astype(float) - expected[..., None]).max() <= 1.0
+    # Hue with everything else: one matrix equals the steps done one after another (within rounding).
+    p = augment.AugmentParams(hue=40.0, channels=(1, 2, 0), contrast=1.2, brightness=0.9)
+    step = image[..., [1, 2, 0]].astype(np.float64) @ augment.hue_matrix(40.0).T
+    m = float(image.reshape(-1, 3).mean(0) @ np.array([0.299, 0.587, 0.114]))
+    expected = (step - m) * 1.2 + m * 0.9
+    got = augment.jitter_colour(image, p).astype(float)
+    inside = (step.min(-1) > 0) & (expected.max(-1) < 255) & (expected.min(-1) > 0)  # no clipping on the way
+    assert np.abs(got - expected)[inside].max() <= 1.0
+
+
+def test_colour_draws_only_when_asked_and_within_range():
+    cfg = default.get_config().augment
+    plain = [augment.sample_params(np.random.default_rng(1), cfg) for _ in range(3)]
+    assert all(p.hue == 0 and not p.greyscale and p.channels == (0, 1, 2) for p in plain)
+    cfg.hue, cfg.greyscale, cfg.channel_shuffle = 30.0, 0.25, 0.5
+    rng = np.random.default_rng(0)
+    draws = [augment.sample_params(rng, cfg) for _ in range(400)]
+    hues = np.array([d.hue for d in draws])
+    assert hues.min() >= -30 and hues.max() <= 30 and hues.max() - hues.min() > 45
+    assert 0.17 < np.mean([d.greyscale for d in draws]) < 0.33
+    shuffled = [d.channels for d in draws if d.channels != (0, 1, 2)]
+    assert 0.3 < len(shuffled) / len(draws) < 0.5  # 0.5 × 5/6 of the permutations move a channel
+    assert all(sorted(c) == [0, 1, 2] for c in shuffled)
+
+
+# ------------------------------------------------------------------------------- soft masks
+
+def test_soft_mask_is_the_box_average_at_an_integer_shrink():
+    rng = np.random.default_rng(0)
+    mask = (rng.random((64, 96)) < 0.5).astype(np.uint8) * 255
+    matrix = augment.composed_matrix(augment.AugmentParams(), (64, 96), (64, 96), (8, 12))
+    soft = augment.soft_mask(mask, matrix, (8, 12))
+    expected = mask.reshape(8, 8, 12, 8).mean(axis=(1, 3))
+    assert np.abs(soft.astype(float) - expected).max() <= 1.0
+
+
+def test_soft_mask_reads_coverage_at_an_edge_and_agrees_with_the_hard_mask():
+    # A vertical edge through the middle of output column 5 (of 12, from 96 px): coverage ~ one half there.
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 44:] = 255  # output column 5 covers source columns 40..47
+    matrix = augment.composed_matrix(augment.AugmentParams(), (64, 96), (64, 96), (8, 12))
+    soft = augment.soft_mask(mask, matrix, (8, 12)).astype(int)
+    assert abs(soft[:, 5] - 128).max() <= 2
+    assert (soft[:, :5] == 0).all() and (soft[:, 6:] == 255).all()
+    # With an augmentation, the soft mask thresholded at one half is the hard mask but for edge pixels.
+    p = augment.AugmentParams(zoom=1.1, rotation=4.0, shift_x=0.03, hflip=True)
+    big = np.zeros((640, 960), np.uint8)
+    cv2.circle(big, (480, 320), 200, 255, -1)
+    m = augment.composed_matrix(p, (640, 960), (640, 960), (64, 96))
+    soft, hard = augment.soft_mask(big, m, (64, 96)), augment.warp_mask(big // 255, m, (64, 96))
+    assert ((soft >= 128) != hard.astype(bool)).mean() < 0.01
+    assert ((soft > 0) & (soft < 255)).sum() > 50  # the edge is soft
+
+
+def test_load_pair_soft_masks_keep_the_image(photo):
+    jpeg, gif, _ = photo
+    image, hard = augment.load_pair(jpeg, gif, (32, 48))
+    image2, soft = augment.load_pair(jpeg, gif, (32, 48), soft=True)
+    np.testing.assert_array_equal(image, image2)
+    assert soft.dtype == np.uint8 and soft.max() > 1 and ((soft >= 128) == hard.astype(bool)).mean() > 0.97

@@ -61,6 +61,9 @@ class AugmentParams:
     brightness: float = 1.0
     contrast: float = 1.0
     saturation: float = 1.0
+    hue: float = 0.0            # degrees of rotation about the grey axis
+    greyscale: bool = False
+    channels: tuple[int, int, int] = (0, 1, 2)  # output channel i is input channel channels[i]
 
 
 def sample_params(rng: np.random.Generator, cfg) -> AugmentParams:
@@ -68,11 +71,20 @@ def sample_params(rng: np.random.Generator, cfg) -> AugmentParams:
     if not cfg.enabled:
         return AugmentParams()
     u = lambda r: float(rng.uniform(-r, r))  # noqa: E731
-    return AugmentParams(
+    params = AugmentParams(
         zoom=1.0 + u(cfg.zoom), shear=u(cfg.shear), rotation=u(cfg.rotation),
         shift_x=u(cfg.shift), shift_y=u(cfg.shift), hflip=bool(rng.random() < cfg.hflip),
         brightness=1.0 + u(cfg.brightness), contrast=1.0 + u(cfg.contrast),
         saturation=1.0 + u(cfg.saturation))
+    # Drawn only when asked for, so configs without them keep the same random stream as before.
+    extra = {}
+    if cfg.get("hue", 0.0) > 0:
+        extra["hue"] = u(cfg.hue)
+    if cfg.get("greyscale", 0.0) > 0:
+        extra["greyscale"] = bool(rng.random() < cfg.greyscale)
+    if cfg.get("channel_shuffle", 0.0) > 0 and rng.random() < cfg.channel_shuffle:
+        extra["channels"] = tuple(int(c) for c in rng.permutation(3))
+    return dataclasses.replace(params, **extra) if extra else params
 
 
 # ------------------------------------------------------------------------------------------ matrices
@@ -326,16 +338,35 @@ def warp_mask(mask: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out
     return _warp_mask255(mask * np.uint8(255), matrix, dst_hw, out, border)
 
 
+def hue_matrix(degrees: float) -> np.ndarray:
+    """3×3 rotation of RGB about the grey axis (1, 1, 1)/√3 by ``degrees``: a hue shift that keeps each
+    pixel's mean of R, G and B."""
+    a = math.radians(degrees)
+    k = np.ones((3, 3)) / 3
+    cross = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)  # [n]× for n = (1,1,1)/√3
+    return math.cos(a) * np.eye(3) + math.sin(a) * cross + (1 - math.cos(a)) * k
+
+
 def colour_matrix(p: AugmentParams, mean_rgb) -> np.ndarray | None:
-    """The 3×4 matrix [A | b] of the brightness, contrast and saturation jitter, out = A·rgb + b;
-    None for the identity. Saturation s mixes each pixel with its grey g = 0.299R + 0.587G + 0.114B,
-    then contrast c scales about the image's mean grey m and brightness b scales m:
-    out = c·(s·x + (1−s)·g) + m·(b − c)."""
-    if p.brightness == p.contrast == p.saturation == 1.0:
+    """The 3×4 matrix [A | b] of the colour jitter, out = A·rgb + b; None for the identity.
+
+    In order: channel permutation P, hue rotation H about the grey axis, greyscale (every channel = the
+    grey g = 0.299R + 0.587G + 0.114B), saturation s (mix with g), contrast c about the mean grey m of
+    the photo, brightness b scaling m: out = c·S·G·H·P·x + m·(b − c). All of it is linear, so it is one
+    matrix and one pass over the pixels whatever is switched on."""
+    plain = (p.brightness == p.contrast == p.saturation == 1.0 and p.hue == 0.0 and not p.greyscale
+             and tuple(p.channels) == (0, 1, 2))
+    if plain:
         return None
+    a = np.eye(3)[list(p.channels)]  # row i picks input channel channels[i]
+    if p.hue:
+        a = hue_matrix(p.hue) @ a
+    if p.greyscale:
+        a = np.repeat(_GREY[None, :], 3, axis=0) @ a
+    a = (p.saturation * np.eye(3) + (1 - p.saturation) * np.repeat(_GREY[None, :], 3, axis=0)) @ a
     mean_grey = float(np.dot(mean_rgb, _GREY))
     m = np.empty((3, 4))
-    m[:, :3] = p.contrast * p.saturation * np.eye(3) + p.contrast * (1 - p.saturation) * _GREY[None, :]
+    m[:, :3] = p.contrast * a
     m[:, 3] = mean_grey * (p.brightness - p.contrast)
     return m
 
@@ -354,15 +385,31 @@ def jitter_colour(image: np.ndarray, p: AugmentParams, out: np.ndarray | None = 
 
 # ------------------------------------------------------------------------------------------ both
 
+def soft_mask(mask255: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np.ndarray | None = None,
+              border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+    """Each output pixel's car coverage, 0..255, of a full-resolution 0/255 mask warped by ``matrix`` (full
+    photo → output). The mask is box-averaged (cv2.INTER_AREA) to the smallest integer shrink still at
+    least the output's size, then warped bilinearly from there: coverage, not a sample, so a model pixel
+    half on the car reads 128 (a bilinear warp straight from full resolution aliases at a 10× shrink)."""
+    full_hw = mask255.shape[:2]
+    k = dct_scale(full_hw, dst_hw)
+    if k > 1:
+        small_hw = (-(-full_hw[0] // k), -(-full_hw[1] // k))
+        mask255 = cv2.resize(mask255, (small_hw[1], small_hw[0]), interpolation=cv2.INTER_AREA)
+        matrix = matrix @ resize_matrix(small_hw, full_hw)
+    return warp(mask255, matrix, dst_hw, out, border)
+
+
 def load_pair(image: Source, mask: Source | MaskSource | None, dst_hw, params: AugmentParams = AugmentParams(),
               *, name: str | None = None, out_image: np.ndarray | None = None,
-              out_mask: np.ndarray | None = None, fit: str = "resize"):
+              out_mask: np.ndarray | None = None, soft: bool = False, fit: str = "resize"):
     """(image, mask) warped to dst_hw with one composed affine each; mask is None when ``mask`` is.
 
     ``image`` is the JPEG's path or bytes; ``mask`` its mask's path or bytes (a GIF/PNG) or a
     MaskSource (e.g. an RLE). ``name`` names the example in errors about bytes. The results go into
-    ``out_image`` (H×W×3) and ``out_mask`` (H×W) when given. Sizes must agree. ``fit`` ('resize' or 'pad') is
-    how the photo meets dst_hw (``fit_matrix``), with its border mode (``fit_border``) for both."""
+    ``out_image`` (H×W×3) and ``out_mask`` (H×W) when given. Sizes must agree. The mask is 0/1, or with
+    ``soft`` each pixel's car coverage 0..255 (``soft_mask``). ``fit`` ('resize' or 'pad') is how the photo
+    meets dst_hw (``fit_matrix``), with its border mode (``fit_border``) for both."""
     photo, full_hw = decode_image(image, dst_hw, name)
     matrix = composed_matrix(params, full_hw, photo.shape[:2], dst_hw, fit)
     border = fit_border(fit)
@@ -374,4 +421,6 @@ def load_pair(image: Source, mask: Source | MaskSource | None, dst_hw, params: A
         mask = MaskSource(file=mask, name=name)
     mask255 = mask.decode(full_hw, value=255, image_name=source_name(image, name))
     mask_matrix = composed_matrix(params, full_hw, full_hw, dst_hw, fit)
+    if soft:
+        return out_image, soft_mask(mask255, mask_matrix, dst_hw, out_mask, border)
     return out_image, _warp_mask255(mask255, mask_matrix, dst_hw, out_mask, border)

@@ -85,12 +85,15 @@ def element_parts(element: Element) -> Parts:
 
 
 class PairedAugment(grain.transforms.RandomMap):
-    """Element → {'image': uint8 H×W×3, 'mask': uint8 H×W}, one random affine shared by both."""
+    """Element → {'image': uint8 H×W×3, 'mask': uint8 H×W}, one random affine shared by both. The mask is
+    0/1, or with ``soft_masks`` each pixel's car coverage 0..255."""
 
-    def __init__(self, image_size, augment_cfg, skip_bad_files: bool = False, fit: str = "resize"):
+    def __init__(self, image_size, augment_cfg, skip_bad_files: bool = False, soft_masks: bool = False,
+                 fit: str = "resize"):
         self.image_size = tuple(image_size)
         self.augment_cfg = augment_cfg
         self.skip_bad_files = skip_bad_files
+        self.soft_masks = soft_masks
         self.fit = fit  # 'resize' | 'pad': augment.fit_matrix
 
     def random_map(self, element: Element, rng: np.random.Generator):
@@ -100,7 +103,7 @@ class PairedAugment(grain.transforms.RandomMap):
             if parts.mask is None:
                 raise DataError(f"{augment.source_name(parts.image, parts.name)}: a training example without a mask")
             image, mask = augment.load_pair(parts.image, parts.mask, self.image_size, params, name=parts.name,
-                                            fit=self.fit)
+                                            soft=self.soft_masks, fit=self.fit)
         except DataError as e:
             if not self.skip_bad_files:
                 raise
@@ -264,7 +267,8 @@ def train_dataset(records: list[Element], config, process_index: int = 0, proces
     ds = grain.MapDataset.source(records).shuffle(seed=config.seed).repeat()
     ds = mix_pseudo_labels(ds, config, pseudo)
     ds = ds.random_map(PairedAugment(config.image_size, config.augment, config.skip_bad_files,
-                                     fit=config.get("fit", "resize")), seed=config.seed)
+                                             config.get("soft_masks", False), config.get("fit", "resize")),
+                       seed=config.seed)
     local_batch = config.batch_size // process_count
     ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count, start), workers, local_batch)
     return ds.filter(is_good).batch(local_batch, drop_remainder=True)
