@@ -34,7 +34,38 @@ def validate_config(config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
     _validate_encoder(config.model)
+    _validate_val_cars(config)
+    _validate_pseudo_labels(config)
     _validate_prediction(config)
+
+
+def _validate_val_cars(config) -> None:
+    val_cars = config.get("val_cars", ())
+    if isinstance(val_cars, str) or not all(isinstance(car, str) and car for car in val_cars):
+        raise ConfigError(f"val_cars must be a list of car ids (e.g. ('00087a6bd4dc', '02159e548029')), "
+                          f"got {val_cars!r}")
+    if val_cars and config.val_fraction > 0:
+        raise ConfigError(f"val_cars and val_fraction={config.val_fraction} both choose the held-out cars; "
+                          "set val_fraction=0 to hold out val_cars")
+
+
+def _validate_pseudo_labels(config) -> None:
+    from carvana_jax.data import pipeline  # grain and OpenCV: only when a config is checked
+    path, fraction = config.get("pseudo_labels", ""), config.get("pseudo_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"pseudo_fraction must be in [0, 1), got {fraction}")
+    if path and fraction == 0:
+        raise ConfigError(f"pseudo_labels={path!r} but pseudo_fraction=0: set the share of each batch drawn from "
+                          "it (e.g. --config.pseudo_fraction=0.25), or pseudo_labels='' to train without")
+    if fraction > 0 and not path:
+        raise ConfigError(f"pseudo_fraction={fraction} but no pseudo_labels: set --config.pseudo_labels to a "
+                          "submission CSV of the test photos, or pseudo_fraction=0")
+    if path:
+        n = pipeline.pseudo_per_batch(fraction, config.batch_size)
+        if not 0 < n < config.batch_size:
+            raise ConfigError(f"pseudo_fraction={fraction} of batch_size {config.batch_size} rounds to {n} "
+                              f"pseudo-labelled photos per batch; choose one giving 1 to {config.batch_size - 1} "
+                              "of them")
 
 
 def _validate_prediction(config) -> None:
