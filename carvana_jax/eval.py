@@ -109,7 +109,7 @@ def load_checkpoint(path: str, step: int | None = None, mesh=None):
         config = _with_defaults(ckpt.load_config(step))
         model = unet.from_config(config.model)
         target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config),
-                                    tuple(config.image_size))
+                                    tuple(config.image_size), ema=config.ema_decay > 0)
         mesh = mesh or parallel.make_mesh()
         state, _ = ckpt.restore(step, parallel.replicate(target, mesh), with_data=False)
     finally:
@@ -135,7 +135,7 @@ def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, thre
     for path in ckpts:
         config, variables, apply_fn, at = load_checkpoint(path, step, mesh)
         first = first or config
-        split = ("seed", "val_fraction")
+        split = ("seed", "val_fraction", "val_cars")
         if any(config[k] != first[k] for k in split):
             print(f"note: {path} held out other cars ({', '.join(f'{k}={config[k]}' for k in split)}) than "
                   f"{ckpts[0]}; --split val scores the first one's, which it may have trained on")
@@ -162,6 +162,7 @@ def records_for(split: str, config) -> Sequence:
     if split == "train":
         everything = config.copy_and_resolve_references()
         everything.val_fraction = 0.0
+        everything.val_cars = ()
         return sources.train_and_val(everything)[0]
     _, val = sources.train_and_val(config)
     if not val:

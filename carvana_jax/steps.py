@@ -14,6 +14,7 @@ from carvana_jax import metrics as metrics_lib
 from carvana_jax.data.augment import pad_offsets
 from carvana_jax.models.unet import AXIS
 from carvana_jax.rle import FULL_SHAPE
+from carvana_jax.train_state import ema_update
 
 
 def normalise(images):
@@ -25,9 +26,11 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def train_step(state, batch, *, loss_fn, schedule):
-    """One micro-step: forward, loss, backward, mean gradients over devices, optimiser (MultiSteps)."""
-    images, masks = normalise(batch["image"]), batch["mask"].astype(jnp.float32)
+def train_step(state, batch, *, loss_fn, schedule, mask_scale: float = 1.0, ema_decay: float = 0.0):
+    """One micro-step: forward, loss, backward, mean gradients over devices, optimiser (MultiSteps), and
+    the parameters' moving average after each optimiser update when the state keeps one. The masks are
+    ``batch['mask'] * mask_scale`` (1/255 for soft-coverage masks)."""
+    images, masks = normalise(batch["image"]), batch["mask"].astype(jnp.float32) * mask_scale
 
     def compute_loss(params):
         logits, updates = state.apply_fn(_variables(params, state.batch_stats), images, train=True,
@@ -37,7 +40,13 @@ def train_step(state, batch, *, loss_fn, schedule):
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     grads = lax.pmean(grads, AXIS)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    dice = metrics_lib.dice_per_image(logits > 0, masks).mean()
+    if state.ema_params:
+        update = new_state.opt_state.gradient_step
+        averaged = ema_update(state.ema_params, new_state.params, ema_decay, update)
+        updated = update != state.opt_state.gradient_step  # MultiSteps: only every grad_accum_steps-th
+        new_state = new_state.replace(ema_params=jax.tree.map(
+            lambda a, e: jnp.where(updated, a, e), averaged, state.ema_params))
+    dice = metrics_lib.dice_per_image(logits > 0, masks > 0.5).mean()
     metrics = {"loss": loss, "dice": dice}
     metrics = lax.pmean(metrics, AXIS)
     metrics["learning_rate"] = schedule(state.opt_state.gradient_step)

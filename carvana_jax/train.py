@@ -110,7 +110,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
     if ckpt.latest_step() is None and config.model.pretrained:  # a fresh start: the encoder begins at ImageNet's
         encoder_weights = pretrained.encoder_variables(config.model.pretrained, config.model.encoder)
     state = create_train_state(jax.random.PRNGKey(config.seed), model, optim.create_optimizer(config),
-                               tuple(config.image_size), encoder_weights=encoder_weights)
+                               tuple(config.image_size), ema=config.ema_decay > 0, encoder_weights=encoder_weights)
     state = parallel.replicate(state, mesh)
     data_state = None
     if (latest := ckpt.latest_step()) is not None:
@@ -127,7 +127,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
         position = None  # unknown: such a run goes on saving grain's state
     batches = parallel.prefetch_to_mesh(data_iter, mesh, config.prefetch_batches)
     step_fn = parallel.data_parallel(
-        functools.partial(steps.train_step, loss_fn=losses.get(config.loss), schedule=schedule), mesh)
+        functools.partial(steps.train_step, loss_fn=losses.from_config(config), schedule=schedule,
+                          mask_scale=1 / 255 if config.soft_masks else 1.0, ema_decay=config.ema_decay), mesh)
 
     accum, total = config.grad_accum_steps, config.num_train_steps
     update = int(jax.device_get(state.update_step))
