@@ -169,7 +169,8 @@ def estimate(config, num_devices: int | None = None) -> MemoryEstimate:
     params = param_count(model_cfg) * STATE_BYTES
     h, w = config.image_size
     return MemoryEstimate(
-        params=params + batch_stats_count(model_cfg) * STATE_BYTES,
+        # the parameters' moving average (ema_decay > 0) is one more copy of them
+        params=params * (2 if config.get("ema_decay", 0.0) > 0 else 1) + batch_stats_count(model_cfg) * STATE_BYTES,
         optimizer=(OPTIMIZER_SLOTS[config.optimizer] + 1) * params,  # MultiSteps keeps acc_grads even when k = 1
         gradients=params,
         activations_per_image=activation_bytes_per_image(model_cfg, (h, w)),

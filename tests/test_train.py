@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from carvana_jax import eval as eval_lib
 from carvana_jax import parallel, train
 from carvana_jax.checkpoint import Checkpointer, CheckpointError
 
@@ -26,13 +27,20 @@ def _metrics(workdir):
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
     tiny_config.num_train_steps = 6
+    tiny_config.soft_masks, tiny_config.ema_decay = True, 0.5  # the moving average is saved and resumed too
     whole = train.train_and_evaluate(tiny_config, str(tmp_path / "whole"), progress=False)
     resumed_dir = str(tmp_path / "resumed")
     train.train_and_evaluate(tiny_config, resumed_dir, stop_after=2, progress=False)  # "pre-empted" at update 2
     assert Checkpointer(os.path.join(resumed_dir, "checkpoints")).latest_step() == 2
     resumed = train.train_and_evaluate(tiny_config, resumed_dir, progress=False)
     _assert_trees_equal(_params(resumed), _params(whole))
+    _assert_trees_equal(jax.device_get(resumed["state"].ema_params), jax.device_get(whole["state"].ema_params))
     assert resumed["loss"] == whole["loss"] and resumed["val_dice"] == whole["val_dice"]
+    # eval predicts with the saved average, which differs from the parameters.
+    _, variables, _, _ = eval_lib.load_checkpoint(resumed_dir, step=6)
+    _assert_trees_equal(jax.device_get(variables["params"]), jax.device_get(whole["state"].ema_params))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["params"]),
+                                                        jax.tree.leaves(_params(whole))))
     # The resumed run logged updates 3..6 with the same losses as the uninterrupted one.
     whole_rows = {r["step"]: r["loss"] for r in _metrics(str(tmp_path / "whole"))}
     resumed_rows = {r["step"]: r["loss"] for r in _metrics(resumed_dir)}

@@ -30,7 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from carvana_jax.models.unet import ConvNormReLU, DenseBlock, DoubleConv, _maybe_remat, _norm, _upsample2x
+from carvana_jax.models.unet import ConvNormReLU, _maybe_remat, _norm, _upsample2x, make_block
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -208,11 +208,7 @@ class ResNet34UNet(nn.Module):
     remat: bool = False
 
     def _block(self, features: int, name: str) -> nn.Module:
-        if self.block == "double_conv":
-            return _maybe_remat(DoubleConv, self.remat)(features, self.norm, self.dtype, name=name)
-        if self.block == "dense":
-            return _maybe_remat(DenseBlock, self.remat)(features, self.norm, self.dtype, self.dense_layers, name=name)
-        raise ValueError(f"model.block must be 'double_conv' or 'dense', got {self.block!r}")
+        return make_block(self, features, name)
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -75,6 +75,15 @@ def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
     return nn.remat(block, static_argnums=(2,)) if remat else block
 
 
+def make_block(model: nn.Module, features: int, name: str) -> nn.Module:
+    """One U-Net block of ``model``'s kind (its ``block``, ``norm``, ``dtype``, ``dense_layers``, ``remat``)."""
+    if model.block == "double_conv":
+        return _maybe_remat(DoubleConv, model.remat)(features, model.norm, model.dtype, name=name)
+    if model.block == "dense":
+        return _maybe_remat(DenseBlock, model.remat)(features, model.norm, model.dtype, model.dense_layers, name=name)
+    raise ValueError(f"model.block must be 'double_conv' or 'dense', got {model.block!r}")
+
+
 def _upsample2x(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -90,11 +99,7 @@ class UNet(nn.Module):
     remat: bool = False
 
     def _block(self, features: int, name: str) -> nn.Module:
-        if self.block == "double_conv":
-            return _maybe_remat(DoubleConv, self.remat)(features, self.norm, self.dtype, name=name)
-        if self.block == "dense":
-            return _maybe_remat(DenseBlock, self.remat)(features, self.norm, self.dtype, self.dense_layers, name=name)
-        raise ValueError(f"model.block must be 'double_conv' or 'dense', got {self.block!r}")
+        return make_block(self, features, name)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
