@@ -12,3 +12,13 @@ def small_config(data_dir, **overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def take(ds, n):
+    """The first ``n`` items of a dataset, its iterator closed after (grain's workers stopped)."""
+    it = iter(ds)
+    try:
+        return [next(it) for _ in range(n)]
+    finally:
+        if hasattr(it, "close"):
+            it.close()

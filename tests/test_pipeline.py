@@ -6,7 +6,7 @@ import os
 import grain
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import small_config, take
 
 from carvana_jax import rle
 from carvana_jax.data import augment, kaggle, pipeline
@@ -15,15 +15,6 @@ from carvana_jax.data import augment, kaggle, pipeline
 @pytest.fixture(scope="module")
 def records(kaggle_dir):
     return kaggle.index_train(kaggle_dir)
-
-
-def take(ds, n):
-    it = iter(ds)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        if hasattr(it, "close"):
-            it.close()
 
 
 def drain(ds):

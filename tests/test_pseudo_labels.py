@@ -4,7 +4,7 @@ import os
 import grain
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import small_config, take
 
 from carvana_jax import parallel, rle, train
 from carvana_jax.config import ConfigError, validate_config
@@ -12,15 +12,6 @@ from carvana_jax.data import augment, kaggle, pipeline, sources
 
 FULL = rle.FULL_SHAPE
 ALL_CAR = f"1 {FULL[0] * FULL[1]}"  # a mask no real photo has: every pixel is car
-
-
-def take(ds, n):
-    it = iter(ds)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        if hasattr(it, "close"):
-            it.close()
 
 
 def write_csv(path, rows):
