@@ -8,6 +8,11 @@ from carvana_jax.models import unet
 from configs import unet768
 
 
+# Dense blocks of 2 layers (the default is 4): each layer already sees every earlier one through the concatenation,
+# and every extra conv costs a second or two of XLA compiling its random initialiser on the CPU.
+DENSE_LAYERS = 2
+
+
 def _init(model, size=(64, 64)):
     return jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), jnp.zeros((2, *size, 3)), train=False)
 
@@ -29,7 +34,8 @@ def _expected_double_conv_params(features, depth):
 
 def test_seed_unet_has_18_convs_and_the_expected_parameter_count():
     cfg = unet768.get_config().model
-    variables = _init(unet.from_config(cfg))
+    model = unet.from_config(cfg)  # shapes only: init's tree without compiling its random initialisers
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)), train=False))
     kernels = [x for x in jax.tree.leaves(variables["params"]) if x.ndim == 4]
     assert sum(k.shape[:2] == (3, 3) for k in kernels) == 18
     n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
@@ -39,7 +45,7 @@ def test_seed_unet_has_18_convs_and_the_expected_parameter_count():
 @pytest.mark.parametrize("block", ["double_conv", "dense"])
 @pytest.mark.parametrize("norm", ["batch", "none"])
 def test_output_is_one_logit_per_pixel(block, norm):
-    model = unet.UNet(features=4, depth=2, norm=norm, block=block)
+    model = unet.UNet(features=4, depth=2, norm=norm, block=block, dense_layers=DENSE_LAYERS)
     variables = _init(model, (32, 48))
     assert ("batch_stats" in variables) == (norm == "batch")
     out = jax.jit(model.apply)(variables, jnp.ones((2, 32, 48, 3)))
@@ -81,8 +87,8 @@ def _loss_and_grads(model, variables, x):
 
 @pytest.mark.parametrize("block", ["double_conv", "dense"])
 def test_remat_keeps_the_parameter_tree_outputs_and_gradients(block):
-    plain = unet.UNet(features=4, depth=2, block=block)
-    remat = unet.UNet(features=4, depth=2, block=block, remat=True)
+    plain = unet.UNet(features=4, depth=2, block=block, dense_layers=DENSE_LAYERS)
+    remat = unet.UNet(features=4, depth=2, block=block, dense_layers=DENSE_LAYERS, remat=True)
     variables = _init(plain, (32, 48))
     remat_variables = _init(remat, (32, 48))
     # same names, shapes and initial values: a checkpoint of one restores into the other
