@@ -92,19 +92,22 @@ def _block_flops(model_cfg, cin: int, cout: int, h: int, w: int) -> int:
 
 def unet_flops(model_cfg, image_size) -> int:
     """Forward FLOPs of one image through models/unet.UNet, counted from its shapes: 2·k·k·Cin·Cout·H·W for
-    every convolution (the 1×1 head and the dense blocks' 1×1 convs included); pooling, norms, activations
-    and up-sampling are left out (a few percent)."""
-    h, w = image_size
+    every convolution (the head and the dense blocks' 1×1 convs included); pooling, norms, activations,
+    up-sampling and the space-to-depth reshapes are left out (a few percent)."""
+    s = model_cfg.get("space_to_depth", 1)
+    h, w = image_size[0] // s, image_size[1] // s  # where the blocks run
     f, depth = model_cfg.features, model_cfg.depth
     widths = [f * 2**level for level in range(depth + 1)]
-    flops, cin = 0, 3
+    flops, cin = 0, 3 * s * s
     for level in range(depth):
         flops += _block_flops(model_cfg, cin, widths[level], h >> level, w >> level)
         cin = widths[level]
     flops += _block_flops(model_cfg, cin, widths[depth], h >> depth, w >> depth)
     for level in reversed(range(depth)):
         flops += _block_flops(model_cfg, widths[level + 1] + widths[level], widths[level], h >> level, w >> level)
-    return flops + _conv_flops(1, widths[0], 1, h, w)
+    if s == 1:
+        return flops + _conv_flops(1, widths[0], 1, h, w)
+    return flops + _conv_flops(3, widths[0] + 3 * s * s, s * s, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- train

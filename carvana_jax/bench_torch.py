@@ -4,7 +4,9 @@ Only ``python -m carvana_jax.bench train --torch`` uses it; torch is an optional
 (``pip install torch==2.13.0``, the CPU wheel, or the project's ``bench`` extra). The network has the same
 layers, widths and parameter count as the Flax one for the same ``config.model``: DoubleConv =
 (3×3 conv without bias → BatchNorm → ReLU) × 2 (or the dense block), 2×2 max-pool down, nearest ×2
-up-sampling, the skip concatenated after the up-sampled features, and a 1×1 head with bias. Its loss is the
+up-sampling, the skip concatenated after the up-sampled features, and a 1×1 head with bias (with
+``space_to_depth`` s: pixel_unshuffle in, a 3×3 head over the last block and the patches, pixel_shuffle out —
+torch orders a patch's channels differently, which changes neither the cost nor the count). Its loss is the
 config's (BCE + soft Dice with smooth=1 per image by default, as losses.py) and its optimiser Adam/AdamW/
 RMSProp after the same global-norm clipping. Only the compute dtype differs: torch always runs float32.
 """
@@ -57,8 +59,9 @@ class UNet(nn.Module):
     """(B, 3, H, W) images in [0, 1] → (B, H, W) logits."""
 
     def __init__(self, features: int = 32, depth: int = 4, norm: str = "batch", block: str = "double_conv",
-                 dense_layers: int = 4):
+                 dense_layers: int = 4, space_to_depth: int = 1):
         super().__init__()
+        self.s = s = space_to_depth
         if norm not in ("batch", "none"):
             raise ValueError(f"model.norm must be 'batch' or 'none', got {norm!r}")
         if block not in ("double_conv", "dense"):
@@ -68,13 +71,17 @@ class UNet(nn.Module):
             return DoubleConv(cin, cout, norm) if block == "double_conv" else DenseBlock(cin, cout, norm, dense_layers)
 
         widths = [features * 2**level for level in range(depth + 1)]
-        self.down = nn.ModuleList(make(3 if level == 0 else widths[level - 1], widths[level]) for level in range(depth))
+        patch = 3 * s * s
+        self.down = nn.ModuleList(make(patch if level == 0 else widths[level - 1], widths[level])
+                                  for level in range(depth))
         self.centre = make(widths[depth - 1] if depth else 3, widths[depth])
         # up[level] sees the up-sampled output of the level below (width widths[level+1]) and the skip
         self.up = nn.ModuleList(make(widths[level + 1] + widths[level], widths[level]) for level in range(depth))
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], 1, 1) if s == 1 else nn.Conv2d(widths[0] + patch, s * s, 3, padding=1)
 
     def forward(self, x):
+        if self.s > 1:
+            x = patches = F.pixel_unshuffle(x, self.s)
         skips = []
         for block in self.down:
             x = block(x)
@@ -84,12 +91,14 @@ class UNet(nn.Module):
         for level in reversed(range(len(self.up))):
             x = torch.cat([F.interpolate(x, scale_factor=2, mode="nearest"), skips[level]], dim=1)
             x = self.up[level](x)
-        return self.head(x)[:, 0]
+        if self.s == 1:
+            return self.head(x)[:, 0]
+        return F.pixel_shuffle(self.head(torch.cat([x, patches], dim=1)), self.s)[:, 0]
 
 
 def from_config(model_cfg) -> UNet:
     return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
-                dense_layers=model_cfg.dense_layers)
+                dense_layers=model_cfg.dense_layers, space_to_depth=model_cfg.get("space_to_depth", 1))
 
 
 def param_count(model: nn.Module) -> int:

@@ -13,9 +13,12 @@ def validate_config(config) -> None:
     if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
         raise ConfigError(f"image_size must be two positive integers (H, W), got {config.image_size!r}")
     h, w = size
-    step = 2 ** config.model.depth
+    s2d = config.model.get("space_to_depth", 1)
+    if not isinstance(s2d, int) or s2d < 1:
+        raise ConfigError(f"model.space_to_depth must be a positive integer, got {s2d!r}")
+    step = 2 ** config.model.depth * s2d
     if h % step or w % step:
-        raise ConfigError(f"image_size {h}x{w} must be divisible by 2**model.depth = {step}")
+        raise ConfigError(f"image_size {h}x{w} must be divisible by 2**model.depth * model.space_to_depth = {step}")
     for key in ("batch_size", "grad_accum_steps", "num_train_steps", "checkpoint_every", "eval_every", "log_every",
                 "eval_batch_size", "model.features", "model.depth"):
         value = config
@@ -84,6 +87,9 @@ def _validate_prediction(config) -> None:
 
 def _validate_encoder(model) -> None:
     """A pretrained encoder's depth is the number of its stages used (models/encoders.py)."""
+    if model.encoder != "unet" and model.get("space_to_depth", 1) != 1:
+        raise ConfigError(f"model.space_to_depth={model.space_to_depth} needs model.encoder=unet (a pretrained "
+                          "encoder takes the photo's own pixels)")
     if model.encoder == "unet":
         if model.pretrained:
             raise ConfigError(f"model.pretrained={model.pretrained!r} needs a pretrained encoder: "

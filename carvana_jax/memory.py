@@ -80,10 +80,17 @@ def _block_convs(model_cfg, cin: int, cout: int) -> list[tuple[int, int, int, bo
     return [(3, cin, cout, normed), (3, cout, cout, normed)]
 
 
+def _head(model_cfg) -> tuple[int, int, int, bool]:
+    """The head: a 1×1 conv to one logit, or with space_to_depth s a 3×3 conv over the last block and the s×s
+    patches to s·s logits."""
+    s = model_cfg.get("space_to_depth", 1)
+    return (1, model_cfg.features, 1, False) if s == 1 else (3, model_cfg.features + 3 * s * s, s * s, False)
+
+
 def _convs(model_cfg) -> list[tuple[int, int, int, bool]]:
-    """Every convolution of models/unet.UNet, the 1×1 head included."""
+    """Every convolution of models/unet.UNet, the head included."""
     convs = [conv for _, _, cin, cout in _blocks(model_cfg) for conv in _block_convs(model_cfg, cin, cout)]
-    return convs + [(1, model_cfg.features, 1, False)]
+    return convs + [_head(model_cfg)]
 
 
 def param_count(model_cfg) -> int:
@@ -103,7 +110,8 @@ def _widths(model_cfg) -> list[int]:
 def _blocks(model_cfg) -> list[tuple[str, int, int, int]]:
     """(kind, level, cin, cout) of every block in forward order; kind is 'down', 'centre' or 'up'."""
     widths, depth = _widths(model_cfg), model_cfg.depth
-    down = [("down", level, cin, widths[level]) for level, cin in enumerate([3] + widths[:depth - 1])]
+    patch_channels = 3 * model_cfg.get("space_to_depth", 1) ** 2
+    down = [("down", level, cin, widths[level]) for level, cin in enumerate([patch_channels] + widths[:depth - 1])]
     centre = [("centre", depth, widths[depth - 1], widths[depth])]
     up = [("up", level, widths[level + 1] + widths[level], widths[level]) for level in reversed(range(depth))]
     return down + centre + up
@@ -138,9 +146,12 @@ def activation_bytes_per_image(model_cfg, image_size) -> int:
     and output are kept, plus one block's worth of recomputed tensors (the largest), rebuilt while its gradient is
     taken."""
     h, w = image_size
+    s = model_cfg.get("space_to_depth", 1)
     dtype = COMPUTE_BYTES[model_cfg.dtype]
-    pixels = [(h >> level) * (w >> level) for level in range(model_cfg.depth + 1)]
-    kept = 3 * pixels[0]  # the image in the compute dtype: the first convolution's input
+    pixels = [(h // s >> level) * (w // s >> level) for level in range(model_cfg.depth + 1)]
+    kept = 3 * h * w  # the image (or its patches) in the compute dtype: the first convolution's input
+    if s > 1:  # the head's input: the last block ++ the patches
+        kept += (model_cfg.features + 3 * s * s) * pixels[0]
     largest_block = 0
     for kind, level, cin, cout in _blocks(model_cfg):
         inside = sum(block_kept(model_cfg, cin, cout)) * pixels[level]
@@ -153,7 +164,7 @@ def activation_bytes_per_image(model_cfg, image_size) -> int:
     if model_cfg.remat:
         kept += largest_block
     in_flight = BACKWARD_WORKING_TENSORS * model_cfg.features * pixels[0]
-    return (kept + in_flight) * dtype + LOSS_MAPS * pixels[0] * STATE_BYTES
+    return (kept + in_flight) * dtype + LOSS_MAPS * h * w * STATE_BYTES
 
 
 # ---------------------------------------------------------------------------------------------- the estimate

@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.block = "double_conv"     # 'double_conv' | 'dense'
     c.model.dense_layers = 4          # conv layers per block when block='dense'
     c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    c.model.space_to_depth = 1        # s > 1: the blocks run at H/s × W/s on s×s patches folded into channels,
+                                      # the head unfolds s×s logits per patch (nearly the compute of H/s × W/s)
     c.model.remat = False             # recompute each block's activations in the backward pass (less memory)
     c.model.encoder = "unet"          # 'unet' (plain blocks) | 'vgg11' (TernausNet) | 'resnet34'
     c.model.pretrained = ""           # a torchvision ImageNet state dict (.pth/.safetensors) for the encoder

@@ -88,8 +88,27 @@ def _upsample2x(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def space_to_depth(x, s: int):
+    """(B, H, W, C) → (B, H/s, W/s, s·s·C): each s×s patch of pixels becomes one pixel's channels."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // s, s, w // s, s, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, s * s * c)
+
+
+def depth_to_space(x, s: int):
+    """The inverse of ``space_to_depth``: (B, H, W, s·s·C) → (B, H·s, W·s, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, s, s, c // (s * s))
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, c // (s * s))
+
+
 class UNet(nn.Module):
-    """(B, H, W, 3) images in [0, 1] → (B, H, W) logits of 'car'."""
+    """(B, H, W, 3) images in [0, 1] → (B, H, W) logits of 'car'.
+
+    With ``space_to_depth`` s > 1 the blocks run at H/s × W/s: each s×s patch of the photo enters as one pixel's
+    s·s·3 channels, and a 3×3 head over the last block and those same input patches gives each patch its s·s
+    logits. The photo's detail and the mask's resolution are those of H × W; the compute is nearly that of a U-Net
+    at H/s × W/s (BENCHMARKS.md, "Real cars")."""
     features: int = 32
     depth: int = 4
     norm: str = "batch"
@@ -97,6 +116,7 @@ class UNet(nn.Module):
     dense_layers: int = 4
     dtype: Any = jnp.float32
     remat: bool = False
+    space_to_depth: int = 1
 
     def _block(self, features: int, name: str) -> nn.Module:
         return make_block(self, features, name)
@@ -104,6 +124,9 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
+        s = self.space_to_depth
+        if s > 1:
+            x = patches = space_to_depth(x, s)
         skips = []
         for level in range(self.depth):
             x = self._block(self.features * 2**level, f"down{level}")(x, train)
@@ -113,7 +136,11 @@ class UNet(nn.Module):
         for level in reversed(range(self.depth)):
             x = jnp.concatenate([_upsample2x(x), skips[level]], axis=-1)
             x = self._block(self.features * 2**level, f"up{level}")(x, train)
-        logits = nn.Conv(1, (1, 1), dtype=jnp.float32, name="head")(x)
+        if s == 1:
+            logits = nn.Conv(1, (1, 1), dtype=jnp.float32, name="head")(x)
+        else:  # the sub-pixel head sees its neighbours and the photo's own patches, not only the coarse features
+            x = jnp.concatenate([x, patches], axis=-1)
+            logits = depth_to_space(nn.Conv(s * s, (3, 3), dtype=jnp.float32, name="head")(x), s)
         return logits[..., 0].astype(jnp.float32)
 
 
@@ -127,4 +154,5 @@ def from_config(model_cfg) -> nn.Module:
         from carvana_jax.models import encoders
         return encoders.from_config(model_cfg, dtypes[model_cfg.dtype])
     return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
-                dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat)
+                dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat,
+                space_to_depth=int(model_cfg.get("space_to_depth", 1)))
