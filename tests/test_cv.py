@@ -15,7 +15,7 @@ from carvana_jax.config import ConfigError, validate_config
 from carvana_jax.data import kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANGLES = 6  # photos kept per car: the full-resolution scoring stays quick
+ANGLES = 4  # photos kept per car: the full-resolution scoring stays quick
 
 
 def car_ids(n, seed=0):
@@ -106,20 +106,21 @@ def test_explicit_held_out_cars_split_by_car(kaggle_dir, tiny_config):
 # ---------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def cv_data(tmp_path_factory):
-    """Synthetic Kaggle-layout data: 4 training cars and 1 test car, ANGLES photos each."""
-    from carvana_jax.data import synthetic
+def cv_data(tmp_path_factory, kaggle_dir):
+    """The session's synthetic Kaggle-layout data (3 training cars and 1 test car), ANGLES photos each."""
     out = tmp_path_factory.mktemp("cv") / "kaggle"
-    synthetic.generate(str(out), num_cars=4, num_test_cars=1, seed=3, progress=False)
     for folder in ("train", "train_masks", "test"):
-        for name in os.listdir(out / folder):
-            if kaggle.parse_name(name)[2] > ANGLES:
-                os.remove(out / folder / name)
-    with open(out / "sample_submission.csv", newline="") as f:
-        rows = [r for r in csv.reader(f)]
-    with open(out / "sample_submission.csv", "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows([rows[0]] + [r for r in rows[1:]
-                                                                  if kaggle.parse_name(r[0])[2] <= ANGLES])
+        os.makedirs(out / folder)
+        for name in os.listdir(os.path.join(kaggle_dir, folder)):
+            if kaggle.parse_name(name)[2] <= ANGLES:
+                shutil.copy(os.path.join(kaggle_dir, folder, name), out / folder / name)
+    shutil.copy(os.path.join(kaggle_dir, "metadata.csv"), out / "metadata.csv")
+    for name in ("train_masks.csv", "sample_submission.csv"):
+        with open(os.path.join(kaggle_dir, name), newline="") as f:
+            rows = [r for r in csv.reader(f)]
+        with open(out / name, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([rows[0]] + [r for r in rows[1:]
+                                                                      if kaggle.parse_name(r[0])[2] <= ANGLES])
     return str(out)
 
 
@@ -239,8 +240,8 @@ def _command(*args):
 def test_the_command_has_help_and_refuses_more_folds_than_cars_in_one_line(cv_data, tmp_path):
     proc = _command("--help")
     assert proc.returncode == 0 and "--folds" in proc.stdout + proc.stderr and "--fold" in proc.stdout + proc.stderr
-    proc = _command("--config", "configs/demo.py", "--folds", "5", f"--workdir={tmp_path}/w",
+    proc = _command("--config", "configs/demo.py", "--folds", "4", f"--workdir={tmp_path}/w",
                     f"--config.data_dir={cv_data}")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
-    assert "--folds 5 is more than the 4 cars" in errors[0]
+    assert "--folds 4 is more than the 3 cars" in errors[0]
