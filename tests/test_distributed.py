@@ -58,6 +58,7 @@ def _launch(args, timeout=TIMEOUT_S + 60, **env):
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tiny_config, tmp_path, monkeypatch):
     tiny_config.num_train_steps = 4  # checkpoints and validation at updates 2 and 4
+    tiny_config.image_size, tiny_config.model.depth = (32, 48), 2  # fewer convs for every process to compile
     tiny_config.learning_rate = 0.01
     monkeypatch.setattr(optim, "create_optimizer", distributed_worker.sgd_optimizer)
     assert jax.process_count() == 1 and jax.device_count() == 4, "conftest asks for 4 CPU devices"
