@@ -11,6 +11,14 @@ from carvana_jax import parallel, train
 from carvana_jax.checkpoint import Checkpointer, CheckpointError
 
 
+@pytest.fixture
+def tiny_config(tiny_config):
+    """conftest's tiny config at 32×48 with a depth-2 U-Net: the programs cv, ema and parallel tests compile too."""
+    tiny_config.image_size = (32, 48)
+    tiny_config.model.depth = 2
+    return tiny_config
+
+
 def _params(result):
     return jax.device_get(result["state"].params)
 
@@ -26,7 +34,7 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
-    tiny_config.num_train_steps = 6
+    tiny_config.num_train_steps, tiny_config.eval_every = 4, 4  # validation at the end only
     tiny_config.soft_masks, tiny_config.ema_decay = True, 0.5  # the moving average is saved and resumed too
     whole = train.train_and_evaluate(tiny_config, str(tmp_path / "whole"), progress=False)
     resumed_dir = str(tmp_path / "resumed")
@@ -37,11 +45,11 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tm
     _assert_trees_equal(jax.device_get(resumed["state"].ema_params), jax.device_get(whole["state"].ema_params))
     assert resumed["loss"] == whole["loss"] and resumed["val_dice"] == whole["val_dice"]
     # eval predicts with the saved average, which differs from the parameters.
-    _, variables, _, _ = eval_lib.load_checkpoint(resumed_dir, step=6)
+    _, variables, _, _ = eval_lib.load_checkpoint(resumed_dir, step=4)
     _assert_trees_equal(jax.device_get(variables["params"]), jax.device_get(whole["state"].ema_params))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["params"]),
                                                         jax.tree.leaves(_params(whole))))
-    # The resumed run logged updates 3..6 with the same losses as the uninterrupted one.
+    # The resumed run logged updates 3 and 4 with the same losses as the uninterrupted one.
     whole_rows = {r["step"]: r["loss"] for r in _metrics(str(tmp_path / "whole"))}
     resumed_rows = {r["step"]: r["loss"] for r in _metrics(resumed_dir)}
     assert resumed_rows == whole_rows
@@ -95,7 +103,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config
 
 def test_a_workdir_of_another_model_is_refused_by_name(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
-    tiny_config.num_train_steps = 1
+    tiny_config.num_train_steps = 2  # the schedule, hence the compiled step, of the other 2-update runs
     tiny_config.val_fraction = 0.0
     train.train_and_evaluate(tiny_config, workdir, progress=False)
     tiny_config.model.features = 8
