@@ -29,6 +29,7 @@ def test_both_sources_split_the_same_cars_in_the_same_order(tiny_config, tfds_di
 @pytest.mark.slow
 def test_training_from_tfds_equals_training_from_the_folder(tiny_config, tfds_dir, tmp_path):
     tiny_config.num_train_steps = 2
+    tiny_config.image_size, tiny_config.model.depth = (32, 48), 2  # the programs test_cv and test_train compile
     folder = train.train_and_evaluate(tiny_config, str(tmp_path / "folder"), progress=False)
     tiny_config.update(data_source="tfds", tfds_dir=tfds_dir)
     from_tfds = train.train_and_evaluate(tiny_config, str(tmp_path / "tfds"), progress=False)
