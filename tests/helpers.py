@@ -1,4 +1,9 @@
 """Helpers shared by the data tests (imported as a plain module: pytest puts tests/ on sys.path)."""
+import csv
+import os
+import shutil
+
+from carvana_jax.data import kaggle
 from configs import demo
 
 
@@ -22,3 +27,22 @@ def take(ds, n):
     finally:
         if hasattr(it, "close"):
             it.close()
+
+
+def kaggle_subset(kaggle_dir, out, angles: int) -> str:
+    """A copy of the Kaggle-layout folder ``kaggle_dir`` in ``out`` keeping each car's photos 1..``angles`` (its
+    masks, CSV rows and submission order too): the same cars, with fewer full-resolution photos to score."""
+    out = str(out)
+    for folder in ("train", "train_masks", "test"):
+        os.makedirs(os.path.join(out, folder))
+        for name in os.listdir(os.path.join(kaggle_dir, folder)):
+            if kaggle.parse_name(name)[2] <= angles:
+                shutil.copy(os.path.join(kaggle_dir, folder, name), os.path.join(out, folder, name))
+    shutil.copy(os.path.join(kaggle_dir, "metadata.csv"), os.path.join(out, "metadata.csv"))
+    for name in ("train_masks.csv", "sample_submission.csv"):
+        with open(os.path.join(kaggle_dir, name), newline="") as f:
+            rows = list(csv.reader(f))
+        with open(os.path.join(out, name), "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([rows[0]] + [r for r in rows[1:]
+                                                                      if kaggle.parse_name(r[0])[2] <= angles])
+    return out

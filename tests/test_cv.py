@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import kaggle_subset
 
 from carvana_jax import cv, parallel, score, train
 from carvana_jax import eval as eval_lib
@@ -108,20 +109,7 @@ def test_explicit_held_out_cars_split_by_car(kaggle_dir, tiny_config):
 @pytest.fixture(scope="module")
 def cv_data(tmp_path_factory, kaggle_dir):
     """The session's synthetic Kaggle-layout data (3 training cars and 1 test car), ANGLES photos each."""
-    out = tmp_path_factory.mktemp("cv") / "kaggle"
-    for folder in ("train", "train_masks", "test"):
-        os.makedirs(out / folder)
-        for name in os.listdir(os.path.join(kaggle_dir, folder)):
-            if kaggle.parse_name(name)[2] <= ANGLES:
-                shutil.copy(os.path.join(kaggle_dir, folder, name), out / folder / name)
-    shutil.copy(os.path.join(kaggle_dir, "metadata.csv"), out / "metadata.csv")
-    for name in ("train_masks.csv", "sample_submission.csv"):
-        with open(os.path.join(kaggle_dir, name), newline="") as f:
-            rows = [r for r in csv.reader(f)]
-        with open(out / name, "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows([rows[0]] + [r for r in rows[1:]
-                                                                      if kaggle.parse_name(r[0])[2] <= ANGLES])
-    return str(out)
+    return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("cv") / "kaggle", ANGLES)
 
 
 def cv_config(data_dir):

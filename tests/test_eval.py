@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import kaggle_subset
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import parallel, postprocess, predict, rle, steps, train
@@ -16,15 +17,23 @@ from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANGLES = 4  # photos kept per car: every evaluation here scores each at 1918×1280
+
+
+@pytest.fixture(scope="module")
+def kaggle_dir(kaggle_dir, tmp_path_factory):
+    """The session's 3 training cars and 1 test car with ANGLES photos each (16 in conftest's)."""
+    return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("eval_data"), ANGLES)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, kaggle_dir):
     from configs import demo
     c = demo.get_config()
-    c.update(data_dir=kaggle_dir, image_size=(64, 96), batch_size=4, num_train_steps=3, warmup_steps=1,
-             checkpoint_every=3, eval_every=3, log_every=1, num_workers=0, val_fraction=0.34)
-    c.model.update(features=4, depth=3)
+    # The 32x48 depth-2 U-Net and 2-update schedule test_cv and test_train compile too.
+    c.update(data_dir=kaggle_dir, image_size=(32, 48), batch_size=4, num_train_steps=2, warmup_steps=1,
+             checkpoint_every=2, eval_every=2, log_every=1, num_workers=0, val_fraction=0.34)
+    c.model.update(features=4, depth=2)
     path = str(tmp_path_factory.mktemp("eval") / "run")
     train.train_and_evaluate(c, path, progress=False)
     return path
@@ -36,7 +45,7 @@ def workdir_b(workdir, tmp_path_factory):
     and threshold 0.4 (its photos decode at 1/4 scale, the first model's at 1/8). Nothing to train."""
     path = tmp_path_factory.mktemp("eval") / "run_b"
     shutil.copytree(workdir, path)
-    meta = path / "checkpoints" / "3" / "config" / "metadata"
+    meta = path / "checkpoints" / "2" / "config" / "metadata"
     config = json.loads(meta.read_text())
     config.update(image_size=[96, 176], threshold=0.4)
     meta.write_text(json.dumps(config))
@@ -64,7 +73,7 @@ def test_val_dice_and_per_image_csv_equal_an_independent_full_resolution_computa
         truth = augment.decode_mask(record.mask_path)
         assert pred.shape == truth.shape == (1280, 1918)
         scores[f"{record.name}.jpg"] = _dice(pred, truth)
-    assert result["images"] == len(val_records) == 16
+    assert result["images"] == len(val_records) == ANGLES  # the held-out car's photos
     assert result["dice"] == pytest.approx(np.mean(list(scores.values())), abs=1e-6)
     per_image = _per_image(tmp_path / "ev")
     assert list(per_image) == list(scores)
@@ -74,16 +83,16 @@ def test_val_dice_and_per_image_csv_equal_an_independent_full_resolution_computa
 
 
 def test_default_output_folder_is_next_to_the_checkpoint_and_train_scores_every_training_photo(workdir):
-    result = eval_lib.evaluate(os.path.join(workdir, "checkpoints", "3"), split="train", progress=False)
-    assert result["out"] == os.path.join(workdir, "eval_train") and result["images"] == 48
-    assert len(_per_image(result["out"])) == 48
+    result = eval_lib.evaluate(os.path.join(workdir, "checkpoints", "2"), split="train", progress=False)
+    assert result["out"] == os.path.join(workdir, "eval_train") and result["images"] == 3 * ANGLES
+    assert len(_per_image(result["out"])) == 3 * ANGLES
 
 
 def test_ensemble_of_two_input_sizes_with_hflip_runs_end_to_end_and_equals_the_mean_of_probabilities(
         workdir, workdir_b, kaggle_dir, tmp_path):
     result = eval_lib.evaluate([workdir, workdir_b], split="val", tta="hflip", out=str(tmp_path / "ev"),
                                progress=False)
-    assert result["steps"] == [3, 3] and 0.0 < result["dice"] <= 1.0 and result["images"] == 16
+    assert result["steps"] == [2, 2] and 0.0 < result["dice"] <= 1.0 and result["images"] == ANGLES
     assert result["threshold"] == 0.5  # the first checkpoint's
     mesh = parallel.make_mesh()
     config, _, _, _ = eval_lib.load_checkpoint(workdir)
@@ -115,7 +124,7 @@ def workdir_defaults(workdir, tmp_path_factory):
     """The first checkpoint with tta='hflip' and postprocess='clean' stored in its config: eval's defaults."""
     path = tmp_path_factory.mktemp("eval") / "run_defaults"
     shutil.copytree(workdir, path)
-    meta = path / "checkpoints" / "3" / "config" / "metadata"
+    meta = path / "checkpoints" / "2" / "config" / "metadata"
     config = json.loads(meta.read_text())
     config.update(tta="hflip", postprocess="clean")
     meta.write_text(json.dumps(config))
@@ -210,10 +219,10 @@ def test_ckpt_pointing_at_nothing_is_a_clear_error(tmp_path):
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_a_clear_error(workdir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(workdir, broken)
-    step_dir = broken / "checkpoints" / "3"
+    step_dir = broken / "checkpoints" / "2"
     meta = step_dir / "config" / "metadata"
     config = json.loads(meta.read_text())
-    config["model"]["features"] = 16
+    config["model"]["features"] = 8  # the wider model test_train's refused workdir builds too
     meta.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not fit"):
         eval_lib.load_checkpoint(str(broken))
