@@ -27,13 +27,14 @@ def test_naive_encode_is_the_kaggle_rle():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, kaggle_dir):
-    """An untrained tiny model saved as a checkpoint (the benchmark times, it does not score)."""
+    """An untrained tiny model saved as a checkpoint (the benchmark times, it does not score): the 32×48
+    depth-2 U-Net whose initialisation test_cv, test_eval and test_train compile too."""
     from configs import demo
     config = demo.get_config()
-    config.update(data_dir=kaggle_dir, image_size=(64, 96), num_workers=0, eval_batch_size=4)
-    config.model.update(features=4, depth=3)
+    config.update(data_dir=kaggle_dir, image_size=(32, 48), num_workers=0, eval_batch_size=4)
+    config.model.update(features=4, depth=2)
     model = unet.from_config(config.model)
-    state = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config), (64, 96))
+    state = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config), (32, 48))
     path = tmp_path_factory.mktemp("bench") / "run"
     ckpt = Checkpointer(str(path / "checkpoints"))
     ckpt.save(1, parallel.replicate(state, parallel.make_mesh()), None, config)
@@ -44,7 +45,7 @@ def checkpoint(tmp_path_factory, kaggle_dir):
 
 def test_predict_benchmark_times_every_stage_on_the_same_photos(checkpoint):
     r = bench_predict.bench_predict([checkpoint], data_dir=None, n=8, rle_repeats=3, cpu_size=(128, 192))
-    assert r["images"] == 8 and r["models"] == 1 and r["image_sizes"] == [[64, 96]]
+    assert r["images"] == 8 and r["models"] == 1 and r["image_sizes"] == [[32, 48]]
     assert set(r["stage_s"]) == {"decode", "device", "transfer", "rle", "csv"}
     assert all(s > 0 for s in r["stage_s"].values())
     assert r["slowest_stage"] in r["stage_s"]
