@@ -8,12 +8,12 @@ from carvana_jax import train
 from carvana_jax.data import kaggle, sources, tfds_carvana
 
 
-
 @pytest.fixture(scope="module")
 def kaggle_dir(kaggle_dir, tmp_path_factory):
     """The session's 3 training cars and 1 test car with 4 photos each (16 in conftest's): fewer photos to
-    validate at 1918×1280."""
+    pack into the TFDS dataset and to validate at 1918×1280."""
     return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("sources_data"), 4)
+
 
 @pytest.fixture(scope="module")
 def tfds_dir(kaggle_dir, tmp_path_factory):
