@@ -1,5 +1,7 @@
 """model.space_to_depth: the U-Net's blocks run on s×s patches folded into channels; a sub-pixel head unfolds them."""
 import functools
+import importlib
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,11 @@ def test_the_torch_twin_of_a_folded_unet_has_its_parameter_count_and_output_size
     twin = bench_torch.from_config(cfg)
     assert bench_torch.param_count(twin) == memory.param_count(cfg)
     assert twin(torch.zeros(2, 3, 32, 48)).shape == (2, 32, 48)
+
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_shipped_config_passes_the_checks(name):
+    validate_config(importlib.import_module(f"configs.{name}").get_config())
