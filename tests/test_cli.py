@@ -62,6 +62,6 @@ def test_a_truncated_photo_read_by_a_worker_process_is_named(kaggle_dir, tmp_pat
     proc = _run("carvana_jax.train", "--config", "configs/demo.py", f"--workdir={tmp_path}/w", f"--config.data_dir={data}",
                 "--config.num_workers=1", "--config.val_fraction=0", "--config.image_size=(64,96)",
                 "--config.model.features=4", "--config.model.depth=2", "--config.batch_size=16",
-                "--config.num_train_steps=4")  # depth 2: the initialisation the in-process tests compile
+                "--config.num_train_steps=4")  # depth 2: fewer convs to compile while .pytest_cache/xla is cold
     _one_line_error(proc, str(victim), "truncated")
     assert "memory estimate per device (float32): params" in proc.stdout  # printed at start-up
