@@ -20,7 +20,7 @@ if not flags.FLAGS.is_parsed():
 
 
 @pytest.fixture(scope="session")
-def kaggle_dir(tmp_path_factory):
+def synthetic_data(tmp_path_factory):
     """A small synthetic dataset in the Kaggle layout: 3 training cars and 1 test car, 16 angles each."""
     from carvana_jax.data import synthetic
     out = tmp_path_factory.mktemp("data") / "kaggle"
@@ -28,21 +28,40 @@ def kaggle_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def kaggle_dir(synthetic_data):
+    """synthetic_data (a module may override kaggle_dir with kaggle_dir_few)."""
+    return synthetic_data
+
+
 @pytest.fixture
 def tiny_config(kaggle_dir):
     """The demo config shrunk to seconds: 64×96 images, a 3-level U-Net of width 4, 4 updates."""
-    from configs import demo
-    c = demo.get_config()
-    c.data_dir = kaggle_dir
-    c.image_size = (64, 96)
-    c.batch_size = 4
-    c.num_train_steps = 4
-    c.warmup_steps = 1
-    c.checkpoint_every = 2
-    c.eval_every = 2
-    c.log_every = 1
-    c.num_workers = 0
-    c.val_fraction = 0.34  # one of the three cars
-    c.model.features = 4
-    c.model.depth = 3
-    return c
+    from helpers import tiny_config_for
+    return tiny_config_for(kaggle_dir)
+
+
+@pytest.fixture(scope="session")
+def kaggle_dir_few(synthetic_data, tmp_path_factory):
+    """synthetic_data's 3 training cars and 1 test car with helpers.FEW_ANGLES photos each instead of 16: for the
+    tests that validate or predict at 1918×1280 many times."""
+    from helpers import FEW_ANGLES, kaggle_subset
+    return kaggle_subset(synthetic_data, tmp_path_factory.mktemp("data_few") / "kaggle", FEW_ANGLES)
+
+
+@pytest.fixture(scope="session")
+def two_update_run(kaggle_dir_few, tmp_path_factory):
+    """One training run that several tests read (and copy before changing): tiny_config on kaggle_dir_few with
+    the shared 32×48 depth-2 U-Net, 2 updates, validated and checkpointed at update 2.
+
+    {'config', 'workdir', 'result': train_and_evaluate's metrics without the state, 'params': on the host}."""
+    import jax
+
+    from carvana_jax import train
+    from helpers import shared_model, tiny_config_for
+    config = shared_model(tiny_config_for(kaggle_dir_few))
+    config.num_train_steps = 2
+    workdir = str(tmp_path_factory.mktemp("two_update_run") / "run")
+    result = train.train_and_evaluate(config, workdir, progress=False)
+    params = jax.device_get(result.pop("state").params)
+    return {"config": config, "workdir": workdir, "result": result, "params": params}

@@ -7,6 +7,36 @@ from carvana_jax.data import kaggle
 from configs import demo
 
 
+FEW_ANGLES = 4  # photos per car in conftest's kaggle_dir_few
+
+
+def tiny_config_for(data_dir):
+    """conftest's tiny_config on ``data_dir``: the demo config shrunk to seconds (64×96 images, a 3-level U-Net of
+    width 4, batch 4, 4 updates, checkpoints and validation every 2, one of the three cars held out)."""
+    config = demo.get_config()
+    config.data_dir = data_dir
+    config.image_size = (64, 96)
+    config.batch_size = 4
+    config.num_train_steps = 4
+    config.warmup_steps = 1
+    config.checkpoint_every = 2
+    config.eval_every = 2
+    config.log_every = 1
+    config.num_workers = 0
+    config.val_fraction = 0.34  # one of the three cars
+    config.model.features = 4
+    config.model.depth = 3
+    return config
+
+
+def shared_model(config):
+    """``config`` at 32×48 with a depth-2 U-Net: the model most training tests share, so that its programs are
+    compiled once per session (the compilation cache keeps them)."""
+    config.image_size = (32, 48)
+    config.model.depth = 2
+    return config
+
+
 def small_config(data_dir, **overrides):
     """The demo config at 64×96, batch 4, read in-process, with ``overrides`` applied."""
     config = demo.get_config()

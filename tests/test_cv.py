@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import kaggle_subset
+from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import cv, parallel, score, train
 from carvana_jax import eval as eval_lib
@@ -16,7 +16,6 @@ from carvana_jax.config import ConfigError, validate_config
 from carvana_jax.data import kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANGLES = 4  # photos kept per car: the full-resolution scoring stays quick
 
 
 def car_ids(n, seed=0):
@@ -107,9 +106,10 @@ def test_explicit_held_out_cars_split_by_car(kaggle_dir, tiny_config):
 # ---------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def cv_data(tmp_path_factory, kaggle_dir):
-    """The session's synthetic Kaggle-layout data (3 training cars and 1 test car), ANGLES photos each."""
-    return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("cv") / "kaggle", ANGLES)
+def cv_data(kaggle_dir_few):
+    """Synthetic Kaggle-layout data: 3 training cars and 1 test car, ANGLES photos each (the full-resolution
+    scoring stays quick)."""
+    return kaggle_dir_few
 
 
 def cv_config(data_dir):

@@ -8,35 +8,29 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import kaggle_subset
+from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, postprocess, predict, rle, steps, train
+from carvana_jax import parallel, postprocess, predict, rle, steps
 from carvana_jax.checkpoint import CheckpointError
 from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANGLES = 4  # photos kept per car: every evaluation here scores each at 1918×1280
 
 
 @pytest.fixture(scope="module")
-def kaggle_dir(kaggle_dir, tmp_path_factory):
-    """The session's 3 training cars and 1 test car with ANGLES photos each (16 in conftest's)."""
-    return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("eval_data"), ANGLES)
+def kaggle_dir(kaggle_dir_few):
+    """The 3 training cars and 1 test car with ANGLES photos each (16 in conftest's kaggle_dir): every evaluation
+    here scores each at 1918×1280."""
+    return kaggle_dir_few
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, kaggle_dir):
-    from configs import demo
-    c = demo.get_config()
-    # The 32x48 depth-2 U-Net and 2-update schedule test_cv and test_train compile too.
-    c.update(data_dir=kaggle_dir, image_size=(32, 48), batch_size=4, num_train_steps=2, warmup_steps=1,
-             checkpoint_every=2, eval_every=2, log_every=1, num_workers=0, val_fraction=0.34)
-    c.model.update(features=4, depth=2)
-    path = str(tmp_path_factory.mktemp("eval") / "run")
-    train.train_and_evaluate(c, path, progress=False)
-    return path
+def workdir(two_update_run):
+    """conftest's 2-update run on kaggle_dir_few: a 32×48 depth-2 U-Net of width 4, one car held out, validated and
+    checkpointed at update 2 (the tests here only read its checkpoint and write their outputs beside it)."""
+    return two_update_run["workdir"]
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,17 @@
 import jax
 import numpy as np
 import pytest
-from helpers import kaggle_subset
+from helpers import shared_model
 
 from carvana_jax import train
 from carvana_jax.data import kaggle, sources, tfds_carvana
 
 
 @pytest.fixture(scope="module")
-def kaggle_dir(kaggle_dir, tmp_path_factory):
-    """The session's 3 training cars and 1 test car with 4 photos each (16 in conftest's): fewer photos to
-    pack into the TFDS dataset and to validate at 1918×1280."""
-    return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("sources_data"), 4)
+def kaggle_dir(kaggle_dir_few):
+    """4 photos per car (16 in conftest's kaggle_dir): fewer photos to pack into the TFDS dataset and to validate at
+    1918×1280; conftest's two_update_run trained on these."""
+    return kaggle_dir_few
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +35,15 @@ def test_both_sources_split_the_same_cars_in_the_same_order(tiny_config, tfds_di
 
 
 @pytest.mark.slow
-def test_training_from_tfds_equals_training_from_the_folder(tiny_config, tfds_dir, tmp_path):
-    tiny_config.num_train_steps = 2
-    tiny_config.image_size, tiny_config.model.depth = (32, 48), 2  # the programs test_cv and test_train compile
-    folder = train.train_and_evaluate(tiny_config, str(tmp_path / "folder"), progress=False)
-    tiny_config.update(data_source="tfds", tfds_dir=tfds_dir)
-    from_tfds = train.train_and_evaluate(tiny_config, str(tmp_path / "tfds"), progress=False)
-    assert from_tfds["val_dice"] == folder["val_dice"] and from_tfds["loss"] == folder["loss"]
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_tfds["state"].params),
-                 jax.device_get(folder["state"].params))
+def test_training_from_tfds_equals_training_from_the_folder(two_update_run, tiny_config, tfds_dir, tmp_path):
+    folder = two_update_run  # the same config read from the folder kaggle_dir_few
+    config = shared_model(tiny_config)
+    config.num_train_steps = 2
+    assert config.to_dict() == folder["config"].to_dict()
+    config.update(data_source="tfds", tfds_dir=tfds_dir)
+    from_tfds = train.train_and_evaluate(config, str(tmp_path / "tfds"), progress=False)
+    assert from_tfds["val_dice"] == folder["result"]["val_dice"] and from_tfds["loss"] == folder["result"]["loss"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_tfds["state"].params), folder["params"])
 
 
 def test_an_unprepared_tfds_dir_says_how_to_prepare(tiny_config, tmp_path):

@@ -1,30 +1,31 @@
 """The training loop on real files: resume equals an uninterrupted run, NaN guard, workdir checks."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
-from helpers import kaggle_subset
+from helpers import shared_model
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import parallel, train
 from carvana_jax.checkpoint import Checkpointer, CheckpointError
 
 
-@pytest.fixture(scope="module")
-def kaggle_dir(kaggle_dir, tmp_path_factory):
-    """The session's 3 training cars and 1 test car with 4 photos each: 4 held-out photos to validate at
-    1918×1280 per evaluation instead of 16."""
-    return kaggle_subset(kaggle_dir, tmp_path_factory.mktemp("train_data"), 4)
-
-
 @pytest.fixture
-def tiny_config(tiny_config):
-    """conftest's tiny config at 32×48 with a depth-2 U-Net: the programs cv, ema and parallel tests compile too."""
-    tiny_config.image_size = (32, 48)
-    tiny_config.model.depth = 2
-    return tiny_config
+def tiny_config(tiny_config, kaggle_dir_few):
+    """conftest's tiny config as two_update_run trains it: on kaggle_dir_few (4 held-out photos to validate at
+    1918×1280 per evaluation instead of 16), with the 32×48 depth-2 U-Net the cv, ema and parallel tests train too."""
+    tiny_config.data_dir = kaggle_dir_few
+    return shared_model(tiny_config)
+
+
+def _copy_of(run, tmp_path):
+    """A copy of a finished run's workdir, to go on from without changing the shared one."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run["workdir"], workdir)
+    return workdir
 
 
 def _params(result):
@@ -94,10 +95,8 @@ def test_gradient_accumulation_through_the_pipeline_equals_the_large_batch(tiny_
 
 
 @pytest.mark.slow
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
-    workdir = str(tmp_path / "run")
-    tiny_config.num_train_steps = 2
-    train.train_and_evaluate(tiny_config, workdir, progress=False)
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(two_update_run, tiny_config, tmp_path):
+    workdir = _copy_of(two_update_run, tmp_path)  # 2 good updates, checkpointed at update 2
     tiny_config.num_train_steps = 4
     tiny_config.learning_rate = float("inf")
     tiny_config.warmup_steps = 0
@@ -109,20 +108,16 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_a_workdir_of_another_model_is_refused_by_name(tiny_config, tmp_path):
-    workdir = str(tmp_path / "run")
-    tiny_config.num_train_steps = 2  # the schedule, hence the compiled step, of the other 2-update runs
-    tiny_config.val_fraction = 0.0
-    train.train_and_evaluate(tiny_config, workdir, progress=False)
+def test_a_workdir_of_another_model_is_refused_by_name(two_update_run, tiny_config, tmp_path):
+    workdir = _copy_of(two_update_run, tmp_path)  # checkpoints of width 4
+    tiny_config.num_train_steps = 2
     tiny_config.model.features = 8
     with pytest.raises(CheckpointError, match="model.features: 4 vs 8"):
         train.train_and_evaluate(tiny_config, workdir, progress=False)
 
 
-def test_plots_and_metrics_are_written(tiny_config, tmp_path):
-    workdir = str(tmp_path / "run")
-    tiny_config.num_train_steps = 2
-    result = train.train_and_evaluate(tiny_config, workdir, progress=False)
+def test_plots_and_metrics_are_written(two_update_run):
+    workdir, result = two_update_run["workdir"], two_update_run["result"]  # tiny_config, 2 updates
     assert 0.0 <= result["val_dice"] <= 1.0
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2] and "val_dice" in rows[-1]
