@@ -47,7 +47,8 @@ class Member:
 
 def input_multiple(config) -> int:
     """What a config's model needs its input sizes to be a multiple of: 2**model.depth (its coarsest map is at
-    H/2**depth, for the plain U-Net and the encoder U-Nets alike)."""
+    H/2**depth, for the plain U-Net and the encoder U-Nets alike) times model.space_to_depth (the blocks start at
+    H/s)."""
     return 2 ** int(config.model.depth) * int(config.model.get("space_to_depth", 1))
 
 

@@ -11,19 +11,10 @@ FEW_ANGLES = 4  # photos per car in conftest's kaggle_dir_few
 
 
 def tiny_config_for(data_dir):
-    """conftest's tiny_config on ``data_dir``: the demo config shrunk to seconds (64×96 images, a 3-level U-Net of
-    width 4, batch 4, 4 updates, checkpoints and validation every 2, one of the three cars held out)."""
-    config = demo.get_config()
-    config.data_dir = data_dir
-    config.image_size = (64, 96)
-    config.batch_size = 4
-    config.num_train_steps = 4
-    config.warmup_steps = 1
-    config.checkpoint_every = 2
-    config.eval_every = 2
-    config.log_every = 1
-    config.num_workers = 0
-    config.val_fraction = 0.34  # one of the three cars
+    """conftest's tiny_config on ``data_dir``: small_config shrunk to seconds (a 3-level U-Net of width 4, 4 updates,
+    checkpoints and validation every 2, one of the three cars held out)."""
+    config = small_config(data_dir, num_train_steps=4, warmup_steps=1, checkpoint_every=2, eval_every=2, log_every=1,
+                          val_fraction=0.34)
     config.model.features = 4
     config.model.depth = 3
     return config
