@@ -2,14 +2,12 @@
 
     ./run.sh configs/real_cpu.py --config.data_dir=PATH/TO/carvana_real64
 
-Every choice here was measured on real held-out cars (BENCHMARKS.md, "Real cars"): the photo and its mask at 256×384
-folded into 2×2 patches (model.space_to_depth=2), so the demo's width-8 U-Net runs at 128×192 while it sees twice
-the detail and predicts a mask twice as fine; soft-coverage masks (a perfect 0/1 mask at 128×192 scores only 0.993);
-boundary weighting of the loss (weight 5); batches of 2, so the 30 minutes hold 2.5× the updates of batches of 8
-(the model under-fits: each halving of the batch at the same photos seen gained 0.0007-0.001, for ≈ 20% more time a
-photo at batch 2); a moving average of the parameters; the h-flip at test time. Width 16 is 3.5× slower a step on
-this CPU: too few updates in 30 minutes. 10 of the 64 cars are held out so the run reports its own Dice on cars it
-never saw; --config.val_fraction=0 trains on all of them.
+Every choice here was measured on real held-out cars (BENCHMARKS.md, "Real cars"): the photo and its mask at
+256×384 folded into 2×2 patches (model.space_to_depth=2), so the demo's width-8 U-Net runs at 128×192 while it sees
+twice the detail and predicts a mask twice as fine; soft-coverage masks (a perfect 0/1 mask at 128×192 scores only
+0.993); boundary weighting of the loss; a moving average of the parameters; the h-flip at test time. Width 16 is
+3.5× slower a step on this CPU: too few updates in 30 minutes. 10 of the 64 cars are held out so the run reports
+its own Dice on cars it never saw; --config.val_fraction=0 trains on all of them.
 """
 from configs import demo
 
@@ -21,14 +19,13 @@ def get_config():
     config.model.space_to_depth = 2
     config.val_fraction = 0.16        # 10 of 64 cars
     config.soft_masks = True
-    config.loss_boundary_weight = 5.0
+    config.loss_boundary_weight = 2.0
     config.loss_boundary_width = 4    # pixels at 256×384: the 2 of the demo's 128×192
-    config.batch_size = 2
-    config.num_train_steps = 6000
-    config.warmup_steps = 200
-    config.checkpoint_every = 2000
-    config.eval_every = 2000
-    config.log_every = 50
-    config.ema_decay = 0.998          # ≈ the last 500 updates, 1,000 photos
+    config.num_train_steps = 2400
+    config.warmup_steps = 100
+    config.checkpoint_every = 800
+    config.eval_every = 800
+    config.log_every = 20
+    config.ema_decay = 0.99
     config.tta = "hflip"
     return config
