@@ -1,14 +1,14 @@
 """Score checkpoints on photos with known masks, or write a Kaggle submission for the test photos.
 
     python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip,shift,scale]
-                               [--postprocess none|components|fill|clean] [--threshold T] [--out PATH]
+                               [--postprocess none|guided|components|fill|clean|LIST] [--threshold T] [--out PATH]
                                [--step N] [--data_dir D] [--num_workers W]
 
 Each checkpoint carries its config (model, image size, validation split), so nothing else is needed.
 Several checkpoints, of any configs and input sizes, are averaged as probabilities at 1918×1280: each
 model predicts at its own size (averaged there over the --tta views), its probabilities are up-sampled
 to full resolution (or cropped, for a fit='pad' model), and the mean over models is thresholded, then
-cleaned by --postprocess. The records, the split and the defaults of --threshold, --tta and
+cleaned by --postprocess ('guided' refines the mean by the photo before the threshold). The records, the split and the defaults of --threshold, --tta and
 --postprocess come from the first checkpoint's config.
 
 val / train: mean Dice, and in --out (default CKPT_WORKDIR/eval_<split>/) per_image.csv (img, dice),
@@ -55,9 +55,10 @@ def define_flags() -> None:
                         "shift (moved by ±4 model pixels diagonally), scale (resized 0.9x and 1.1x); the "
                         "probabilities of the plain and every listed view are averaged at model size "
                         "(default: the first checkpoint's tta).")
-    flags.DEFINE_string("postprocess", None, "Mask clean-up before scoring or writing: none, components (drop "
-                        "specks away from the car), fill (fill small holes), clean (both) "
-                        "(default: the first checkpoint's postprocess).")
+    flags.DEFINE_string("postprocess", None, "Prediction clean-up before scoring or writing, a comma list of: "
+                        "none, guided (snap the edge to the photo's with a guided filter, on the devices), "
+                        "components (drop specks away from the car), fill (fill small holes), clean "
+                        "(components,fill) (default: the first checkpoint's postprocess).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load from each --ckpt workdir (default: the best by val "
                          "Dice, else the latest).")
     flags.DEFINE_float("threshold", None, "Probability above which a pixel is car (default: the first checkpoint's).")

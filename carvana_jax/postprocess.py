@@ -1,10 +1,14 @@
-"""Clean-up of a predicted full-resolution mask: drop far-off specks, fill small holes.
+"""Clean-up of a prediction: snap its edge to the photo's, drop far-off specks, fill small holes.
 
-Pure functions on a binary uint8 (H, W) mask (1 = car), applied on the host where the ensemble's masks
-are binary (``predict.Ensemble`` with ``postprocess`` other than 'none'; eval's ``--postprocess``, whose
-default is the checkpoint config's ``postprocess`` key). A spec is a comma list of steps, run in this order:
+'guided' works on the probabilities, on the devices, before they are thresholded (``carvana_jax.refine``).
+The others are pure functions on a binary uint8 (H, W) mask (1 = car), applied on the host where the
+ensemble's masks are binary. All are chosen by ``predict.Ensemble``'s ``postprocess``, eval's
+``--postprocess``, whose default is the checkpoint config's ``postprocess`` key. A spec is a comma list of
+steps, run in this order:
 
   none        the mask as predicted
+  guided      the probabilities refined by a guided filter with the photo as guide, at the resolution the
+              photo was decoded at for the model (``carvana_jax.refine``): the edge follows the photo's
   components  keep the car: the largest 8-connected component, every component whose area is at least
               KEEP_FRACTION of it, and every component with a pixel within NEAR_PX pixels (Euclidean,
               pixel centres) of it (a wheel or mirror cut off by a thin gap); drop the rest
@@ -31,13 +35,14 @@ FILL_MAX_AREA = 4000  # 'fill': an enclosed background component below this many
 
 MAX_LOOPED = 64       # up to this many components are handled one bounding box at a time, more in one pass
 
-STEPS = ("components", "fill")
-ALIASES = {"none": (), "": (), "clean": STEPS}
+STEPS = ("guided", "components", "fill")
+HOST_STEPS = ("components", "fill")  # the steps on binary masks, on the host
+ALIASES = {"none": (), "": (), "clean": HOST_STEPS}
 
 
 def parse(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """The steps of a spec ('none', 'components', 'fill', 'components,fill', 'clean'), in STEPS order;
-    ValueError naming the bad part."""
+    """The steps of a spec ('none', 'guided', 'components', 'fill', 'clean', or a comma list of them), in
+    STEPS order; ValueError naming the bad part."""
     parts = [] if spec is None else spec.split(",") if isinstance(spec, str) else list(spec)
     steps: set[str] = set()
     for part in (p.strip().lower() for p in parts):
@@ -51,8 +56,13 @@ def parse(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(s for s in STEPS if s in steps)
 
 
+def host_steps(spec) -> tuple[str, ...]:
+    """The steps of a spec that clean binary masks on the host."""
+    return tuple(s for s in parse(spec) if s in HOST_STEPS)
+
+
 def name(spec) -> str:
-    """The canonical spelling of a spec: 'none', 'components', 'fill' or 'components,fill'."""
+    """The canonical spelling of a spec: its steps in STEPS order ('guided,components,fill'), or 'none'."""
     return ",".join(parse(spec)) or "none"
 
 
@@ -146,9 +156,10 @@ def fill_holes(mask: np.ndarray, max_area: int = FILL_MAX_AREA) -> np.ndarray:
 
 
 def apply(mask: np.ndarray, spec) -> np.ndarray:
-    """``mask`` (binary uint8 H×W) cleaned by the steps of ``spec``; ``mask`` itself when they change nothing."""
+    """``mask`` (binary uint8 H×W) cleaned by the host steps of ``spec``; ``mask`` itself when they change
+    nothing."""
     mask = np.ascontiguousarray(mask, np.uint8)
-    for step in parse(spec):
+    for step in host_steps(spec):
         mask = keep_components(mask) if step == "components" else fill_holes(mask)
     return mask
 

@@ -4,9 +4,10 @@ An ``Ensemble`` is one or more models, each with its own input size and fit. Eve
 per JPEG DCT scale its models need (one decode when they share a scale, as 768² and 1024² do) and warped
 to each model's size exactly as a single model's pipeline would; on the devices each model predicts
 at its size (averaged over the TTA views there: ``steps.predict_probs``), its probabilities are
-up-sampled to 1918×1280 (or cropped, for fit='pad'), averaged over models and thresholded.
-``packed_masks`` keeps batches in flight on the devices and brings back only the bit-packed masks
-(306,880 bytes an image instead of 2.4 MB); with ``postprocess`` they are cleaned on the host
+up-sampled to 1918×1280 (or cropped, for fit='pad'), averaged over models and thresholded; with the
+'guided' post-processing step they are averaged at the size of the photo's finest decode, refined there by
+the photo (``carvana_jax.refine``) and then up-sampled. ``packed_masks`` keeps batches in flight on the devices and brings back only the bit-packed masks
+(306,880 bytes an image instead of 2.4 MB); with host ``postprocess`` steps they are cleaned on the host
 (``carvana_jax.postprocess``, in a thread pool) before anyone sees them, for Dice and submission alike.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import parallel, rle, steps
+from carvana_jax import parallel, refine, rle, steps
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 from carvana_jax.data.kaggle import DataError, Record
@@ -64,10 +65,11 @@ class LoadAtSizes(grain.transforms.MapWithIndex):
     decode its own pipeline (``pipeline.LoadForEval``) would use, so every image equals that pipeline's.
     """
 
-    def __init__(self, sizes, skip_bad_files: bool = False, fits=None):
+    def __init__(self, sizes, skip_bad_files: bool = False, fits=None, guide_hw=None):
         self.sizes = [tuple(s) for s in sizes]
         self.skip_bad_files = skip_bad_files
         self.fits = list(fits) if fits is not None else ["resize"] * len(self.sizes)
+        self.guide_hw = None if guide_hw is None else tuple(guide_hw)
 
     def map_with_index(self, index: int, element):
         try:
@@ -83,6 +85,9 @@ class LoadAtSizes(grain.transforms.MapWithIndex):
                 photo, full_hw = decoded[scale]
                 matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], size, fit)
                 item[f"image{i}"] = augment.warp(photo, matrix, size, border=augment.fit_border(fit))
+            if self.guide_hw is not None:  # from the finest decode made
+                photo, full_hw = max(decoded.values(), key=lambda d: d[0].shape[0])
+                item["guide"] = pipeline.guide_image(photo, full_hw, self.guide_hw)
             if parts.mask is not None:
                 item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
         except DataError as e:
@@ -97,8 +102,9 @@ class Ensemble:
 
     ``tta``: a TTA spec (``steps.parse_tta``: 'none', 'hflip', 'hflip,shift,scale', …; ``hflip_tta=True`` is
     the older spelling of 'hflip'), the same for every model. ``postprocess``: a ``carvana_jax.postprocess``
-    spec, applied on the host to every mask before it is scored or written, in ``postprocess_threads``
-    threads (default: up to 8); 'none' leaves the masks as the devices made them, with no extra pass."""
+    spec: 'guided' runs on the devices, the other steps on the host on every mask before it is scored or
+    written, in ``postprocess_threads`` threads (default: up to 8); 'none' leaves the masks as the devices
+    made them, with no extra pass."""
 
     def __init__(self, members: list[Member], mesh, threshold: float = 0.5, hflip_tta: bool = False, *,
                  tta=None, postprocess="none", postprocess_threads: int | None = None):
@@ -111,12 +117,16 @@ class Ensemble:
         self.tta = steps.parse_tta(("hflip",) if tta is None and hflip_tta else tta)
         self.hflip_tta = "hflip" in self.tta
         self.postprocess = postprocess_lib.parse(postprocess)
+        self.host_steps = postprocess_lib.host_steps(self.postprocess)
         self.postprocess_threads = postprocess_threads or max(1, min(8, os.cpu_count() or 1))
         # The distinct model inputs, in order: models of one size and fit share one.
         self.inputs = list(dict.fromkeys((tuple(m.image_size), m.fit) for m in members))
         self.sizes = [size for size, _ in self.inputs]
         self.variables = tuple(m.variables for m in members)
         keys = ("image",) if len(self.inputs) == 1 else tuple(f"image{i}" for i in range(len(self.inputs)))
+        # 'guided': the guide is the photo at the finest decode scale any model's input is warped from.
+        self.guide_scale = refine.guide_scale(rle.FULL_SHAPE, self.sizes) if "guided" in self.postprocess else 0
+        self.guide_hw = refine.guide_shape(rle.FULL_SHAPE, self.guide_scale) if self.guide_scale else None
         self._kw = {"apply_fns": tuple(m.apply_fn for m in members), "tta": self.tta,
                     "image_keys": tuple(keys[self.inputs.index((tuple(m.image_size), m.fit))] for m in members),
                     "multiples": tuple(int(m.multiple) for m in members), "fits": tuple(m.fit for m in members)}
@@ -133,7 +143,8 @@ class Ensemble:
     def masks_fn(self) -> Callable:
         """(variables, device batch) → uint8 masks (B, 1280, 1918)."""
         return parallel.data_parallel_map(
-            functools.partial(steps.ensemble_masks, threshold=self.threshold, **self._kw), self.mesh)
+            functools.partial(steps.ensemble_masks, threshold=self.threshold, guide_scale=self.guide_scale,
+                              **self._kw), self.mesh)
 
     @functools.cached_property
     def pack_fn(self) -> Callable:
@@ -149,9 +160,10 @@ class Ensemble:
         """In-order batches of every record at every model size: ``pipeline.LoadForEval`` (the eval pipeline's
         map) when all models share one size, else ``LoadAtSizes``."""
         if len(self.inputs) == 1:
-            transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files, self.inputs[0][1])
+            transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files, self.inputs[0][1], self.guide_hw)
         else:
-            transform = LoadAtSizes(self.sizes, config.skip_bad_files, [fit for _, fit in self.inputs])
+            transform = LoadAtSizes(self.sizes, config.skip_bad_files, [fit for _, fit in self.inputs],
+                                    self.guide_hw)
         return pipeline.eval_dataset(records, config, batch_size, num_workers, transform)
 
     def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None
@@ -176,7 +188,7 @@ class Ensemble:
         batch k is waited for only after batches k+1 … k+in_flight are dispatched, so the devices,
         the input pipeline and whatever the caller does with batch k overlap. With ``postprocess`` the
         masks of batch k are cleaned in a thread pool while batch k+1 is waited for."""
-        if self.postprocess:
+        if self.host_steps:
             yield from self._cleaned(self._in_flight_raw(records, config, batch_size, num_workers, in_flight))
         else:
             yield from self._in_flight_raw(records, config, batch_size, num_workers, in_flight)
@@ -195,7 +207,7 @@ class Ensemble:
     def _cleaned(self, batches) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
         """``batches`` with each bit-packed mask post-processed (``postprocess.apply_packed``), one batch
         being cleaned while the next is brought back."""
-        clean = functools.partial(postprocess_lib.apply_packed, spec=self.postprocess, shape=rle.FULL_SHAPE)
+        clean = functools.partial(postprocess_lib.apply_packed, spec=self.host_steps, shape=rle.FULL_SHAPE)
         with concurrent.futures.ThreadPoolExecutor(self.postprocess_threads) as pool:
             pending: collections.deque = collections.deque()
             try:
@@ -238,7 +250,7 @@ class Ensemble:
         for batch, n, indices, _ in self.device_batches(records, config):
             masks = parallel.to_host(self.masks_fn(self.variables, batch))
             for i in range(n):
-                yield int(indices[i]), postprocess_lib.apply(masks[i], self.postprocess)
+                yield int(indices[i]), postprocess_lib.apply(masks[i], self.host_steps)
 
     def packed_masks(self, records, config, batch_size: int | None = None, num_workers: int | None = None,
                      in_flight: int = IN_FLIGHT) -> Iterator[tuple[np.ndarray, np.ndarray]]:

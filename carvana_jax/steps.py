@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 
 from carvana_jax import metrics as metrics_lib
+from carvana_jax import refine
 from carvana_jax.data.augment import pad_offsets
 from carvana_jax.models.unet import AXIS
 from carvana_jax.rle import FULL_SHAPE
@@ -194,9 +195,17 @@ def ensemble_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, tt
     return total if len(apply_fns) == 1 else total / len(apply_fns)
 
 
-def ensemble_masks(members, batch, *, threshold=0.5, **kw):
-    """Binary uint8 masks at 1280×1918: the ensemble's mean probability above ``threshold``."""
-    return (ensemble_probs(members, batch, **kw) > threshold).astype(jnp.uint8)
+def ensemble_masks(members, batch, *, threshold=0.5, guide_scale: int = 0, **kw):
+    """Binary uint8 masks at 1280×1918: the ensemble's mean probability above ``threshold``. With
+    ``guide_scale`` k, the probabilities are brought to the size of ``batch['guide']`` (the photo at 1/k
+    scale), refined there by the guided filter (``refine.refined``) and then up-sampled."""
+    if not guide_scale:
+        return (ensemble_probs(members, batch, **kw) > threshold).astype(jnp.uint8)
+    guide = batch["guide"]
+    probs = refine.refined(ensemble_probs(members, batch, shape=guide.shape[1:3], **kw), guide, guide_scale)
+    if probs.shape[1:] != FULL_SHAPE:
+        probs = upsample(probs)
+    return (probs > threshold).astype(jnp.uint8)
 
 
 def pack_masks(masks):

@@ -6,12 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, postprocess, predict, rle, steps
+from carvana_jax import parallel, postprocess, predict, refine, rle, steps
 from carvana_jax.checkpoint import CheckpointError
 from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline
@@ -140,6 +141,45 @@ def test_postprocessed_val_dice_is_the_dice_of_the_cleaned_masks(workdir, kaggle
     assert list(per_image) == list(expected)
     np.testing.assert_allclose(list(per_image.values()), list(expected.values()), atol=1e-9)
     assert result["dice"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
+
+
+def test_guided_val_dice_is_the_dice_of_the_refined_probabilities(workdir, kaggle_dir, tmp_path):
+    """eval --postprocess guided against the same steps by hand, one photo at a time: the model's
+    probabilities up-sampled to the guide (the photo at its 1/8 decode for this 32×48 model), the guided
+    filter, up-sampled to 1918×1280 and thresholded."""
+    result = eval_lib.evaluate(workdir, split="val", postprocess="guided", out=str(tmp_path / "ev"), progress=False)
+    plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "plain"), progress=False)
+    assert result["postprocess"] == "guided"
+    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
+    k = refine.guide_scale(rle.FULL_SHAPE, [tuple(config.image_size)])
+    load = pipeline.LoadForEval(config.image_size, guide_hw=refine.guide_shape(rle.FULL_SHAPE, k))
+    predict_probs = jax.jit(lambda v, x: steps.predict_probs(v, x, apply_fn))
+    expected = {}
+    for i, record in enumerate(val_records):
+        item = load.map_with_index(i, record)
+        probs = steps.upsample(predict_probs(variables, item["image"][None]), item["guide"].shape[:2])
+        mask = np.asarray(steps.upsample(refine.refined(probs, item["guide"][None], k)) > 0.5)[0]
+        expected[f"{record.name}.jpg"] = _dice(mask, augment.decode_mask(record.mask_path))
+    per_image = _per_image(tmp_path / "ev")
+    assert list(per_image) == list(expected)
+    np.testing.assert_allclose(list(per_image.values()), list(expected.values()), atol=1e-4)
+    assert per_image != _per_image(tmp_path / "plain"), "the test needs photos that the filter changes"
+    assert result["dice"] != plain["dice"]
+
+
+def test_a_guided_ensemble_of_two_sizes_takes_the_guide_from_the_finer_decode(workdir, tmp_path):
+    """The first model's photos decode at 1/8 scale, a copy's at 192×320 at 1/4: the guide is the 1/4 decode."""
+    fine = tmp_path / "run_fine"
+    shutil.copytree(workdir, fine)
+    meta = fine / "checkpoints" / "2" / "config" / "metadata"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "image_size": [192, 320]}))
+    _, ensemble, _ = eval_lib.load_ensemble([workdir, str(fine)], postprocess="guided")
+    assert ensemble.guide_scale == 4 and ensemble.guide_hw == (320, 480)
+    guided = eval_lib.evaluate([workdir, str(fine)], split="val", postprocess="guided", out=str(tmp_path / "a"),
+                               progress=False)
+    plain = eval_lib.evaluate([workdir, str(fine)], split="val", out=str(tmp_path / "b"), progress=False)
+    assert 0.0 <= guided["dice"] <= 1.0 and guided["dice"] != plain["dice"]
 
 
 def test_tta_and_postprocess_default_to_the_checkpoints_config(workdir, workdir_defaults, tmp_path):

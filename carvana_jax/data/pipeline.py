@@ -112,13 +112,15 @@ class PairedAugment(grain.transforms.RandomMap):
 
 
 class LoadForEval(grain.transforms.MapWithIndex):
-    """Element → model-size image (fitted as ``fit`` says: augment.fit_matrix), its index, and the
-    full-resolution mask when the element has one."""
+    """Element → model-size image (fitted as ``fit`` says: augment.fit_matrix), its index, the
+    full-resolution mask when the element has one, and with ``guide_hw`` the photo resized to it from the
+    same decode (``guide_image``: the guided filter's guide)."""
 
-    def __init__(self, image_size, skip_bad_files: bool = False, fit: str = "resize"):
+    def __init__(self, image_size, skip_bad_files: bool = False, fit: str = "resize", guide_hw=None):
         self.image_size = tuple(image_size)
         self.skip_bad_files = skip_bad_files
         self.fit = fit
+        self.guide_hw = None if guide_hw is None else tuple(guide_hw)
 
     def map_with_index(self, index: int, element: Element):
         try:
@@ -128,6 +130,8 @@ class LoadForEval(grain.transforms.MapWithIndex):
                                              self.fit)
             item = {"image": augment.warp(photo, matrix, self.image_size, border=augment.fit_border(self.fit)),
                     "index": np.int64(index)}
+            if self.guide_hw is not None:
+                item["guide"] = guide_image(photo, full_hw, self.guide_hw)
             if parts.mask is not None:
                 item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
         except DataError as e:
@@ -135,6 +139,13 @@ class LoadForEval(grain.transforms.MapWithIndex):
                 raise
             return bad_item(e)
         return item
+
+
+def guide_image(photo: np.ndarray, full_hw, guide_hw) -> np.ndarray:
+    """A decoded photo resized to ``guide_hw`` over the whole photo, as fit='resize' places a model's input
+    (so the guide's pixels and a resized prediction's line up)."""
+    matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], guide_hw, "resize")
+    return augment.warp(photo, matrix, guide_hw)
 
 
 _skipped = 0
