@@ -138,8 +138,7 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
     import jax
     import numpy as np
 
-    from carvana_jax import losses, memory, optim, parallel
-    from carvana_jax import steps as steps_lib
+    from carvana_jax import memory, optim, parallel, train
     from carvana_jax.config import validate_config
     from carvana_jax.models import unet
     from carvana_jax.train_state import create_train_state
@@ -149,13 +148,13 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
     parallel.check_batch_divides(config.batch_size, mesh)
     image_size = tuple(config.image_size)
     model = unet.from_config(config.model)
-    state = create_train_state(jax.random.PRNGKey(config.seed), model, optim.create_optimizer(config), image_size)
+    state = create_train_state(jax.random.PRNGKey(config.seed), model, optim.create_optimizer(config), image_size,
+                               ema=config.ema_decay > 0)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     state = parallel.replicate(state, mesh)
     host_batch = _random_batch(config, config.seed)
     batch = parallel.shard_batch(host_batch, mesh)  # one process: its share is the whole batch
-    step_fn = parallel.data_parallel(functools.partial(
-        steps_lib.train_step, loss_fn=losses.get(config.loss), schedule=optim.learning_rate_schedule(config)), mesh)
+    step_fn = train.step_function(config, mesh)
 
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()

@@ -66,10 +66,16 @@ def boundary_band(masks, width: int):
     """1.0 where a pixel lies within ``width`` pixels (Chebyshev distance) of the other class, of the masks
     thresholded at one half; else 0.0. A window of 2·width+1 holding both classes is the band."""
     binary = (masks > 0.5).astype(jnp.float32)
-    window, ones = (1, 2 * width + 1, 2 * width + 1), (1, 1, 1)
-    grown = lax.reduce_window(binary, -jnp.inf, lax.max, window, ones, "SAME")
-    shrunk = lax.reduce_window(binary, jnp.inf, lax.min, window, ones, "SAME")
-    return grown - shrunk
+    return _square_window(binary, lax.max, -jnp.inf, width) - _square_window(binary, lax.min, jnp.inf, width)
+
+
+def _square_window(x, op, init, width: int):
+    """``op`` (max or min) of (B, H, W) ``x`` over (2·width+1)² windows, outside the image ignored: a pass along
+    the rows, then one along the columns (2·(2·width+1) comparisons a pixel instead of (2·width+1)²; at width 4
+    XLA's CPU backend took ≈ 60 ms of a 550 ms step for the square windows)."""
+    k, ones = 2 * width + 1, (1, 1, 1)
+    x = lax.reduce_window(x, init, op, (1, k, 1), ones, "SAME")
+    return lax.reduce_window(x, init, op, (1, 1, k), ones, "SAME")
 
 
 def boundary_weights(masks, weight: float, width: int):

@@ -88,6 +88,14 @@ def resume_point(data_state: dict | None) -> tuple[int, dict | None]:
     return 0, data_state
 
 
+def step_function(config, mesh):
+    """The data-parallel train step ``config`` trains with: its loss (boundary weighting included), learning-rate
+    schedule, soft-mask scale and EMA (bench train times this same step)."""
+    return parallel.data_parallel(functools.partial(
+        steps.train_step, loss_fn=losses.from_config(config), schedule=optim.learning_rate_schedule(config),
+        mask_scale=1 / 255 if config.soft_masks else 1.0, ema_decay=config.ema_decay), mesh)
+
+
 def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | None = None,
                        progress: bool = True) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
@@ -104,7 +112,6 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
         print(memory.estimate(config, mesh.devices.size).summary(), flush=True)
 
     model = unet.from_config(config.model)
-    schedule = optim.learning_rate_schedule(config)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     encoder_weights = None
     if ckpt.latest_step() is None and config.model.pretrained:  # a fresh start: the encoder begins at ImageNet's
@@ -126,9 +133,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
         data_iter.set_state(legacy_state)
         position = None  # unknown: such a run goes on saving grain's state
     batches = parallel.prefetch_to_mesh(data_iter, mesh, config.prefetch_batches)
-    step_fn = parallel.data_parallel(
-        functools.partial(steps.train_step, loss_fn=losses.from_config(config), schedule=schedule,
-                          mask_scale=1 / 255 if config.soft_masks else 1.0, ema_decay=config.ema_decay), mesh)
+    step_fn = step_function(config, mesh)
 
     accum, total = config.grad_accum_steps, config.num_train_steps
     update = int(jax.device_get(state.update_step))
