@@ -10,11 +10,10 @@
 ``train`` times the real data-parallel train step (``train.step_function``: the config's loss with its
 boundary weighting, its EMA, over all local devices) on random uint8 batches of the config's global batch_size
 and image_size that are already on the devices, so it measures the model, loss and optimiser, not the input
-pipeline. Compilation is timed on
-its own; then ``--warmup`` steps run untimed and ``--steps`` timed ones, each waited for with
-jax.block_until_ready. With ``--torch`` the same U-Net in PyTorch eager (bench_torch.py) runs on the same
-CPU in the same process, one torch step after each JAX step, so both see the same machine load; the twin has
-the plain loss and no EMA, so compare configs without boundary weighting or EMA (the demo's).
+pipeline. Compilation is timed on its own; then ``--warmup`` steps run untimed and ``--steps`` timed ones,
+each waited for with jax.block_until_ready. With ``--torch`` the same U-Net in PyTorch eager (bench_torch.py)
+runs on the same CPU in the same process, one torch step after each JAX step, so both see the same machine
+load; the twin has the plain loss and no EMA, so compare configs without boundary weighting or EMA (the demo's).
 
 ``pipeline`` times the training input pipeline (pipeline.train_dataset, augmentation on) against the
 decode-only limit and a straightforward PIL pipeline on the same photos, with a per-stage breakdown

@@ -8,8 +8,8 @@ Each checkpoint carries its config (model, image size, validation split), so not
 Several checkpoints, of any configs and input sizes, are averaged as probabilities at 1918×1280: each
 model predicts at its own size (averaged there over the --tta views), its probabilities are up-sampled
 to full resolution (or cropped, for a fit='pad' model), and the mean over models is thresholded, then
-cleaned by --postprocess ('guided' refines the mean by the photo before the threshold). The records, the split and the defaults of --threshold, --tta and
---postprocess come from the first checkpoint's config.
+cleaned by --postprocess ('guided' refines the mean by the photo before the threshold). The records,
+the split and the defaults of --threshold, --tta and --postprocess come from the first checkpoint's config.
 
 val / train: mean Dice, and in --out (default CKPT_WORKDIR/eval_<split>/) per_image.csv (img, dice),
 dice_histogram.png and worst.png (the 12 worst photos, truth and prediction overlaid).

@@ -71,8 +71,8 @@ def boundary_band(masks, width: int):
 
 def _square_window(x, op, init, width: int):
     """``op`` (max or min) of (B, H, W) ``x`` over (2·width+1)² windows, outside the image ignored: a pass along
-    the rows, then one along the columns (2·(2·width+1) comparisons a pixel instead of (2·width+1)²; at width 4
-    XLA's CPU backend took ≈ 60 ms of a 550 ms step for the square windows)."""
+    the rows, then one along the columns — 2·(2·width+1) comparisons a pixel instead of (2·width+1)², which XLA's
+    CPU backend does not find by itself (BENCHMARKS.md, "separable boundary band")."""
     k, ones = 2 * width + 1, (1, 1, 1)
     x = lax.reduce_window(x, init, op, (1, k, 1), ones, "SAME")
     return lax.reduce_window(x, init, op, (1, 1, k), ones, "SAME")

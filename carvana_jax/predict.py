@@ -6,9 +6,10 @@ to each model's size exactly as a single model's pipeline would; on the devices 
 at its size (averaged over the TTA views there: ``steps.predict_probs``), its probabilities are
 up-sampled to 1918×1280 (or cropped, for fit='pad'), averaged over models and thresholded; with the
 'guided' post-processing step they are averaged at the size of the photo's finest decode, refined there by
-the photo (``carvana_jax.refine``) and then up-sampled. ``packed_masks`` keeps batches in flight on the devices and brings back only the bit-packed masks
-(306,880 bytes an image instead of 2.4 MB); with host ``postprocess`` steps they are cleaned on the host
-(``carvana_jax.postprocess``, in a thread pool) before anyone sees them, for Dice and submission alike.
+the photo (``carvana_jax.refine``) and then up-sampled. ``packed_masks`` keeps batches in flight on the
+devices and brings back only the bit-packed masks (306,880 bytes an image instead of 2.4 MB); with host
+``postprocess`` steps they are cleaned on the host (``carvana_jax.postprocess``, in a thread pool) before
+anyone sees them, for Dice and submission alike.
 """
 from __future__ import annotations
 

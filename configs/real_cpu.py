@@ -22,10 +22,11 @@ def get_config():
     config.soft_masks = True
     config.loss_boundary_weight = 2.0
     config.loss_boundary_width = 4    # pixels at 256×384: the 2 of the demo's 128×192
-    config.num_train_steps = 2800
-    config.warmup_steps = 100
-    config.checkpoint_every = 700
-    config.eval_every = 1400
+    config.batch_size = 4             # twice the updates of batch 8 for the same photos: +0.0003 on real cars
+    config.num_train_steps = 4800
+    config.warmup_steps = 200
+    config.checkpoint_every = 1200
+    config.eval_every = 2400
     config.log_every = 20
     config.ema_decay = 0.99
     config.tta = "hflip"
