@@ -187,8 +187,8 @@ class Ensemble:
 
         Device work is dispatched asynchronously and its result starts copying to the host at once;
         batch k is waited for only after batches k+1 … k+in_flight are dispatched, so the devices,
-        the input pipeline and whatever the caller does with batch k overlap. With ``postprocess`` the
-        masks of batch k are cleaned in a thread pool while batch k+1 is waited for."""
+        the input pipeline and whatever the caller does with batch k overlap. With host post-processing
+        steps the masks of batch k are cleaned in a thread pool while batch k+1 is waited for."""
         if self.host_steps:
             yield from self._cleaned(self._in_flight_raw(records, config, batch_size, num_workers, in_flight))
         else:
