@@ -6,6 +6,8 @@
                                       [--batch_size B] [--json] [--dump FILE.npz] [--rounds R]
     python -m carvana_jax.bench predict --ckpt DIR [--ckpt DIR2] --data_dir D --n N [--num_workers W]
                                       [--batch_size B] [--rle_threads T] [--tta hflip] [--rounds R] [--json]
+    python -m carvana_jax.bench cutout --ckpt DIR [--ckpt DIR2] --photos FOLDER --n N [--batch_size B]
+                                      [--threads T] [--tta hflip] [--json]
 
 ``train`` times the real data-parallel train step (``train.step_function``: the config's loss with its
 boundary weighting, its EMA, over all local devices) on random uint8 batches of the config's global batch_size
@@ -23,6 +25,9 @@ augmentation ranges and seed; --image_size, --batch_size and --num_workers overr
 ``predict`` times writing a submission for the first N test photos end to end (submission.write_submission)
 against each of its stages on its own over the same photos, and one mask's RLE against the
 straightforward numpy version (bench_predict.py says exactly what each figure is).
+
+``cutout`` times cutting the first N photos of a folder out end to end (``cutout.Runner``: decode, device,
+PNG encoding and writing, overlapped as the command runs them) against each stage alone (bench_cutout.py).
 """
 from __future__ import annotations
 
@@ -66,6 +71,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("n", 64, "predict: test photos (the first N in sample_submission order).")
     flags.DEFINE_integer("rle_threads", None, "predict: RLE encoding threads (default: as eval, min(8, CPUs)).")
     flags.DEFINE_enum("tta", "none", ["none", "hflip"], "predict: test-time augmentation.")
+    # cutout (also --ckpt, --n, --batch_size (default 8), --tta, --json)
+    flags.DEFINE_string("photos", None, "cutout: the folder of photos to cut out (walked like cutout's INPUT).")
+    flags.DEFINE_integer("threads", None, "cutout: decoding and PNG threads (default: as cutout, min(8, CPUs)).")
     flags.DEFINE_string("cpu_size", "1024,1024", "predict: H,W at which the per-image decode+resize CPU cost "
                         "is also measured (for projections to a bigger model).")
 
@@ -325,12 +333,36 @@ def cmd_predict() -> None:
         bench_predict.print_table(result)
 
 
-COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "predict": cmd_predict}
+# ---------------------------------------------------------------------------------------------- cutout
+
+def cmd_cutout() -> None:
+    from carvana_jax import bench_cutout
+    if not FLAGS.ckpt or not FLAGS.photos:
+        print("error: cutout needs --ckpt (a training workdir or checkpoint) and --photos FOLDER", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.n < 1 or (FLAGS.batch_size or 1) < 1 or (FLAGS.threads or 1) < 1:
+        print("error: --n, --batch_size and --threads must be ≥ 1", file=sys.stderr)
+        sys.exit(2)
+    with cli.friendly_errors():
+        try:
+            result = bench_cutout.bench_cutout(FLAGS.ckpt, FLAGS.photos, n=FLAGS.n, batch_size=FLAGS.batch_size or 8,
+                                               threads=FLAGS.threads, tta=FLAGS.tta if FLAGS["tta"].present else None)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    if FLAGS.json:
+        print(json.dumps(result))
+    else:
+        bench_cutout.print_table(result)
+
+
+COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "predict": cmd_predict, "cutout": cmd_cutout}
 USAGE = ("usage: python -m carvana_jax.bench train --config configs/demo.py [--steps N] [--warmup N] [--json] "
          "[--torch]\n"
          "       python -m carvana_jax.bench pipeline --data_dir D --image_size 768,768 --num_workers N --batches K "
          "[--batch_size B] [--json] [--dump FILE.npz]\n"
-         "       python -m carvana_jax.bench predict --ckpt DIR --data_dir D --n N [--json]")
+         "       python -m carvana_jax.bench predict --ckpt DIR --data_dir D --n N [--json]\n"
+         "       python -m carvana_jax.bench cutout --ckpt DIR --photos FOLDER --n N [--json]")
 
 
 def main(argv: list[str]) -> None:

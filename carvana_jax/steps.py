@@ -195,17 +195,29 @@ def ensemble_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, tt
     return total if len(apply_fns) == 1 else total / len(apply_fns)
 
 
-def ensemble_masks(members, batch, *, threshold=0.5, guide_scale: int = 0, **kw):
-    """Binary uint8 masks at 1280×1918: the ensemble's mean probability above ``threshold``. With
-    ``guide_scale`` k, the probabilities are brought to the size of ``batch['guide']`` (the photo at 1/k
-    scale), refined there by the guided filter (``refine.refined``) and then up-sampled."""
+def ensemble_photo_probs(members, batch, *, guide_scale: int = 0, shape=FULL_SHAPE, **kw):
+    """The ensemble's mean probabilities at the photo's ``shape`` (``ensemble_probs``). With ``guide_scale`` k
+    they are brought to the size of ``batch['guide']`` (the photo at 1/k scale) first, refined there by the
+    guided filter (``refine.refined``) and then up-sampled."""
     if not guide_scale:
-        return (ensemble_probs(members, batch, **kw) > threshold).astype(jnp.uint8)
+        return ensemble_probs(members, batch, shape=shape, **kw)
     guide = batch["guide"]
     probs = refine.refined(ensemble_probs(members, batch, shape=guide.shape[1:3], **kw), guide, guide_scale)
-    if probs.shape[1:] != FULL_SHAPE:
-        probs = upsample(probs)
-    return (probs > threshold).astype(jnp.uint8)
+    return probs if probs.shape[1:] == tuple(shape) else upsample(probs, tuple(shape))
+
+
+def ensemble_masks(members, batch, *, threshold=0.5, **kw):
+    """Binary uint8 masks at 1280×1918: the ensemble's mean probability (``ensemble_photo_probs``) above
+    ``threshold``."""
+    return (ensemble_photo_probs(members, batch, **kw) > threshold).astype(jnp.uint8)
+
+
+def ensemble_cutouts(members, batch, *, threshold=0.5, **kw):
+    """(binary uint8 masks, uint8 alpha = the probability × 255) at the photo's ``shape``: the masks are
+    ``ensemble_masks``' for the same photo."""
+    probs = ensemble_photo_probs(members, batch, **kw)
+    alpha = jnp.round(jnp.clip(probs, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    return (probs > threshold).astype(jnp.uint8), alpha
 
 
 def pack_masks(masks):

@@ -241,14 +241,19 @@ def decode_image(src: Source, target_hw: tuple[int, int], name: str | None = Non
     full_hw = jpeg_header(data)
     if full_hw is None:  # not a JPEG: whatever PIL reads, at full scale
         return _decode_image_pil(data, target_hw, source_name(src, name))
+    return decode_jpeg(data, full_hw, dct_scale(full_hw, target_hw), source_name(src, name)), full_hw
+
+
+def decode_jpeg(data: bytes, full_hw: tuple[int, int], k: int, what: str) -> np.ndarray:
+    """RGB uint8 of the (H, W) = ``full_hw`` JPEG ``data`` decoded at 1/k scale (libjpeg's DCT scaling),
+    its EXIF orientation ignored; errors name ``what``."""
     if not _jpeg_complete(data):
-        raise DataError(f"{source_name(src, name)}: unreadable image (truncated JPEG: no end-of-image marker)")
-    k = dct_scale(full_hw, target_hw)
+        raise DataError(f"{what}: unreadable image (truncated JPEG: no end-of-image marker)")
     array = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS[k])
     expected = (-(-full_hw[0] // k), -(-full_hw[1] // k))
     if array is None or array.shape != (*expected, 3):
-        raise DataError(f"{source_name(src, name)}: unreadable image (the JPEG does not decode)")
-    return array, full_hw
+        raise DataError(f"{what}: unreadable image (the JPEG does not decode)")
+    return array
 
 
 def _decode_image_pil(data: bytes, target_hw, what: str):
