@@ -7,7 +7,7 @@
     python -m carvana_jax.bench predict --ckpt DIR [--ckpt DIR2] --data_dir D --n N [--num_workers W]
                                       [--batch_size B] [--rle_threads T] [--tta hflip] [--rounds R] [--json]
     python -m carvana_jax.bench cutout --ckpt DIR [--ckpt DIR2] --photos FOLDER --n N [--batch_size B]
-                                      [--threads T] [--tta hflip] [--json]
+                                      [--threads T] [--tta hflip] [--clients 32] [--requests R] [--json]
 
 ``train`` times the real data-parallel train step (``train.step_function``: the config's loss with its
 boundary weighting, its EMA, over all local devices) on random uint8 batches of the config's global batch_size
@@ -27,7 +27,8 @@ against each of its stages on its own over the same photos, and one mask's RLE a
 straightforward numpy version (bench_predict.py says exactly what each figure is).
 
 ``cutout`` times cutting the first N photos of a folder out end to end (``cutout.Runner``: decode, device,
-PNG encoding and writing, overlapped as the command runs them) against each stage alone (bench_cutout.py).
+PNG encoding and writing, overlapped as the command runs them) against each stage alone, then the server's
+requests/s under --clients concurrent clients (bench_cutout.py).
 """
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ def define_flags() -> None:
     # cutout (also --ckpt, --n, --batch_size (default 8), --tta, --json)
     flags.DEFINE_string("photos", None, "cutout: the folder of photos to cut out (walked like cutout's INPUT).")
     flags.DEFINE_integer("threads", None, "cutout: decoding and PNG threads (default: as cutout, min(8, CPUs)).")
+    flags.DEFINE_integer("clients", 32, "cutout: concurrent clients of the server timed after the folder "
+                         "(0: the server is not timed).", lower_bound=0)
+    flags.DEFINE_integer("requests", None, "cutout: requests the clients send in all (default: 2 per client).",
+                         lower_bound=1)
     flags.DEFINE_string("cpu_size", "1024,1024", "predict: H,W at which the per-image decode+resize CPU cost "
                         "is also measured (for projections to a bigger model).")
 
@@ -345,8 +350,9 @@ def cmd_cutout() -> None:
         sys.exit(2)
     with cli.friendly_errors():
         try:
-            result = bench_cutout.bench_cutout(FLAGS.ckpt, FLAGS.photos, n=FLAGS.n, batch_size=FLAGS.batch_size or 8,
-                                               threads=FLAGS.threads, tta=FLAGS.tta if FLAGS["tta"].present else None)
+            result = bench_cutout.bench_cutout(
+                FLAGS.ckpt, FLAGS.photos, n=FLAGS.n, batch_size=FLAGS.batch_size or 8, threads=FLAGS.threads,
+                tta=FLAGS.tta if FLAGS["tta"].present else None, clients=FLAGS.clients, requests=FLAGS.requests)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

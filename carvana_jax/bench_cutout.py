@@ -7,6 +7,10 @@ Stages, each timed alone after an untimed warm-up that compiles the device progr
 - device: ``Cutter.cut`` on batches of prepared photos (the U-Net, TTA, guided filter, up-sampling to the
   photo's size, threshold, back to the host);
 - encode: both PNGs of every photo (``cutter.outputs``), in the same thread pool, and writing them.
+
+With ``clients`` > 0 it also starts the server (``python -m carvana_jax.serve``, a real subprocess on a free
+port, its Kaggle-size programs compiled before it listens) and times ``clients`` concurrent clients, each
+posting photos of the folder one after another (``requests`` in all): requests/s and each request's latency.
 """
 from __future__ import annotations
 
@@ -14,8 +18,13 @@ import concurrent.futures
 import os
 import platform
 import shutil
+import socket
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 
 from carvana_jax import cutout, cutter
 from carvana_jax import eval as eval_lib
@@ -71,8 +80,52 @@ def time_end_to_end(cut, jobs, batch_size: int, threads: int, out_dir: str) -> f
     return seconds
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, data: bytes) -> float:
+    """Seconds for one raw-body POST of a photo, its PNG read whole."""
+    start = time.perf_counter()
+    request = urllib.request.Request(url, data=data, method="POST")
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        if answer.status != 200 or not answer.read():
+            raise AssertionError(f"the server answered {answer.status}")
+    return time.perf_counter() - start
+
+
+def time_server(ckpts, photos: list[bytes], clients: int, requests: int, batch_size: int, tta) -> dict:
+    """Requests/s of ``clients`` concurrent clients against a fresh ``carvana_jax.serve`` subprocess."""
+    port = _free_port()
+    args = [sys.executable, "-m", "carvana_jax.serve", "--port", str(port), "--batch_size", str(batch_size)]
+    args += [a for c in ckpts for a in ("--ckpt", c)] + (["--tta", tta] if tta else [])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = time.perf_counter()
+        for line in proc.stdout:
+            if line.startswith("serving on"):
+                break
+        else:
+            raise RuntimeError(f"the server exited (status {proc.wait()}) before it listened")
+        startup_s = time.perf_counter() - started
+        url = f"http://127.0.0.1:{port}/api/cutout"
+        _post(url, photos[0])  # a first request outside the timing
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            start = time.perf_counter()
+            latencies = list(pool.map(lambda i: _post(url, photos[i % len(photos)]), range(requests)))
+            seconds = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"clients": clients, "requests": requests, "seconds": seconds, "requests_per_sec": requests / seconds,
+            "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies),
+            "startup_s": startup_s}
+
+
 def bench_cutout(ckpts, folder: str, *, n: int = 32, batch_size: int = 8, threads: int | None = None,
-                 tta: str | None = None) -> dict:
+                 tta: str | None = None, clients: int = 0, requests: int | None = None) -> dict:
     import jax
     _, ensemble, loaded = eval_lib.load_ensemble(ckpts, tta=tta)
     cut = cutter.Cutter(ensemble, batch_size)
@@ -89,7 +142,10 @@ def bench_cutout(ckpts, folder: str, *, n: int = 32, batch_size: int = 8, thread
         shutil.rmtree(scratch, ignore_errors=True)
     devices = jax.devices()
     sizes = sorted({cut.prepare(_read(j), j.path, keep_photo=False).full_hw for j in jobs[:4]})
-    return {"benchmark": "cutout", "checkpoints": [[p, s] for p, s in loaded],
+    server = None
+    if clients:
+        server = time_server(ckpts, [_read(j) for j in jobs], clients, requests or 2 * clients, batch_size, tta)
+    return {"benchmark": "cutout", "checkpoints": [[p, s] for p, s in loaded], "server": server,
             "image_sizes": [list(s) for s in ensemble.sizes], "tta": ensemble.tta_name,
             "postprocess": ensemble.postprocess_name, "photos": len(jobs), "photo_sizes": [list(s) for s in sizes],
             "batch_size": batch_size, "threads": threads, "device_kind": devices[0].device_kind,
@@ -116,3 +172,8 @@ def print_table(r: dict) -> None:
         s = r["stage_s"][key]
         mark = "  <- slowest" if key == r["slowest_stage"] else ""
         print(f"  {label:34s} {s:8.2f} {n / s:9.1f} {1e3 * s / n:9.1f}{mark}")
+    q = r.get("server")
+    if q:
+        print(f"server ({q['clients']} concurrent clients, {q['requests']} requests, started in {q['startup_s']:.1f} s): "
+              f"{q['requests_per_sec']:.2f} requests/s; latency median {q['latency_median_s']:.2f} s, "
+              f"max {q['latency_max_s']:.2f} s")

@@ -214,6 +214,8 @@ class Runner:
                     pending.setdefault(prepared.bucket, []).append((job, prepared))
                     if len(pending[prepared.bucket]) >= self.batch_size:
                         flush(prepared.bucket)
+                    elif sum(map(len, pending.values())) > 2 * self.batch_size:  # many sizes: bound the memory
+                        flush(max(pending, key=lambda b: len(pending[b])))
                 if not futures:  # nothing more is being decoded: run what is left, however few
                     for bucket in list(pending):
                         flush(bucket)

@@ -160,8 +160,11 @@ def test_compose_is_porter_duff_over():
     rng = np.random.default_rng(1)
     photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     alpha = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    alpha[:3] = 0
     plain = cutter.compose(photo, alpha)
-    np.testing.assert_array_equal(plain[..., :3], photo)
+    shown = alpha > 0
+    np.testing.assert_array_equal(plain[shown][:, :3], photo[shown])
+    assert (plain[~shown][:, :3] == 0).all()  # what nothing shows is stored black
     np.testing.assert_array_equal(plain[..., 3], alpha)
     opaque = cutter.compose(photo, alpha, (10, 200, 30, 255)).astype(float)
     a = alpha[..., None] / 255.0
@@ -338,8 +341,12 @@ def test_command_watch_cuts_out_photos_as_they_arrive(workdir, test_photos, tmp_
 
 def test_cutout_benchmark_times_every_stage_on_the_same_photos(workdir, kaggle_dir):
     from carvana_jax import bench_cutout
-    r = bench_cutout.bench_cutout([workdir], os.path.join(kaggle_dir, "test"), n=4, batch_size=2, threads=2)
+    r = bench_cutout.bench_cutout([workdir], os.path.join(kaggle_dir, "test"), n=4, batch_size=2, threads=2,
+                                  clients=3, requests=4)
     assert r["photos"] == 4 and r["photo_sizes"] == [list(rle.FULL_SHAPE)] and r["image_sizes"] == [[32, 48]]
     assert set(r["stage_s"]) == {"prepare", "device", "encode"} and all(s > 0 for s in r["stage_s"].values())
     assert r["end_to_end_images_per_sec"] == pytest.approx(4 / r["end_to_end_s"])
     assert r["slowest_stage"] == max(r["stage_s"], key=r["stage_s"].get)
+    q = r["server"]
+    assert q["clients"] == 3 and q["requests"] == 4 and q["requests_per_sec"] == pytest.approx(4 / q["seconds"])
+    assert 0 < q["latency_median_s"] <= q["latency_max_s"]
