@@ -42,6 +42,7 @@ from collections.abc import Callable
 from absl import flags
 
 from carvana_jax import cli
+from carvana_jax.models.unet import level_widths
 
 FLAGS = flags.FLAGS
 
@@ -110,8 +111,8 @@ def unet_flops(model_cfg, image_size) -> int:
     up-sampling and the space-to-depth reshapes are left out (a few percent)."""
     s = model_cfg.get("space_to_depth", 1)
     h, w = image_size[0] // s, image_size[1] // s  # where the blocks run
-    f, depth = model_cfg.features, model_cfg.depth
-    widths = [f * 2**level for level in range(depth + 1)]
+    depth = model_cfg.depth
+    widths = level_widths(model_cfg.features, depth, model_cfg.get("widths", ()))
     flops, cin = 0, 3 * s * s
     for level in range(depth):
         flops += _block_flops(model_cfg, cin, widths[level], h >> level, w >> level)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from carvana_jax.models.unet import level_widths
+
 SMOOTH = 1.0  # as carvana_jax.losses
 
 
@@ -59,7 +61,7 @@ class UNet(nn.Module):
     """(B, 3, H, W) images in [0, 1] → (B, H, W) logits."""
 
     def __init__(self, features: int = 32, depth: int = 4, norm: str = "batch", block: str = "double_conv",
-                 dense_layers: int = 4, space_to_depth: int = 1):
+                 dense_layers: int = 4, space_to_depth: int = 1, widths=()):
         super().__init__()
         self.s = s = space_to_depth
         if norm not in ("batch", "none"):
@@ -70,7 +72,7 @@ class UNet(nn.Module):
         def make(cin, cout):
             return DoubleConv(cin, cout, norm) if block == "double_conv" else DenseBlock(cin, cout, norm, dense_layers)
 
-        widths = [features * 2**level for level in range(depth + 1)]
+        widths = level_widths(features, depth, widths)
         patch = 3 * s * s
         self.down = nn.ModuleList(make(patch if level == 0 else widths[level - 1], widths[level])
                                   for level in range(depth))
@@ -98,7 +100,8 @@ class UNet(nn.Module):
 
 def from_config(model_cfg) -> UNet:
     return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
-                dense_layers=model_cfg.dense_layers, space_to_depth=model_cfg.get("space_to_depth", 1))
+                dense_layers=model_cfg.dense_layers, space_to_depth=model_cfg.get("space_to_depth", 1),
+                widths=tuple(model_cfg.get("widths", ())))
 
 
 def param_count(model: nn.Module) -> int:

@@ -26,6 +26,13 @@ def validate_config(config) -> None:
             value = value[part]
         if value < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {value}")
+    widths = tuple(config.model.get("widths", ()))
+    if widths and (len(widths) != config.model.depth + 1 or not all(isinstance(v, int) and v > 0 for v in widths)):
+        raise ConfigError(f"model.widths must be {config.model.depth + 1} positive integers (the blocks' widths at "
+                          f"levels 0..{config.model.depth}, the centre last), or () to double model.features per "
+                          f"level; got {widths}")
+    if widths and config.model.get("encoder", "unet") != "unet":
+        raise ConfigError("model.widths is for model.encoder=unet (a pretrained encoder has its own widths)")
     choices = {"loss": tuple(losses.LOSSES), "model.norm": ("batch", "none"),
                "model.block": ("double_conv", "dense"), "model.dtype": ("float32", "bfloat16"),
                "model.encoder": ("unet", "vgg11", "resnet34"),

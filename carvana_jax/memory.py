@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from carvana_jax.models.unet import level_widths
+
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 STATE_BYTES = 4            # parameters, gradients and optimiser state stay float32 whatever model.dtype is
 OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "rmsprop": 1}  # per-parameter moments of the inner optimiser
@@ -104,7 +106,7 @@ def batch_stats_count(model_cfg) -> int:
 
 
 def _widths(model_cfg) -> list[int]:
-    return [model_cfg.features * 2**level for level in range(model_cfg.depth + 1)]
+    return level_widths(model_cfg.features, model_cfg.depth, model_cfg.get("widths", ()))
 
 
 def _blocks(model_cfg) -> list[tuple[str, int, int, int]]:

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.features = 32             # width of the first block; doubles per level
     c.model.depth = 4                 # down blocks (the seed: 4 down, 1 centre, 4 up = 18 convs)
+    c.model.widths = ()               # the blocks' widths per level 0..depth (centre last); () = features doubling
     c.model.norm = "batch"            # 'batch' (synchronised over devices) | 'none'
     c.model.block = "double_conv"     # 'double_conv' | 'dense'
     c.model.dense_layers = 4          # conv layers per block when block='dense'

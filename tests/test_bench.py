@@ -39,6 +39,7 @@ def _xla_forward_flops(model_cfg, image_size):
     ({"features": 8, "depth": 3}, (64, 96)),
     ({"features": 4, "depth": 4, "norm": "none"}, (96, 128)),
     ({"features": 8, "depth": 2, "block": "dense", "dense_layers": 3}, (32, 48)),
+    ({"features": 8, "depth": 3, "widths": (8, 16, 48, 96)}, (64, 96)),
 ])
 def test_unet_flops_matches_xla_cost_analysis(overrides, image_size):
     cfg = _model_cfg(**overrides)
@@ -68,6 +69,7 @@ def _flax_param_count(model_cfg, image_size=(32, 32)):
     {"features": 32, "depth": 4},
     {"features": 4, "depth": 3, "norm": "none"},
     {"features": 8, "depth": 2, "block": "dense", "dense_layers": 3},
+    {"features": 8, "depth": 3, "widths": (8, 16, 48, 96)},
 ])
 def test_torch_unet_has_the_flax_parameter_count(overrides):
     pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0); "

@@ -42,7 +42,8 @@ def _nbytes(tree) -> int:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"model.norm": "none"}, {"model.block": "dense", "model.depth": 3},
-                                       {"model.features": 32, "model.depth": 5}])
+                                       {"model.features": 32, "model.depth": 5},
+                                       {"model.depth": 3, "model.widths": (8, 16, 48, 96)}])
 def test_param_count_matches_the_flax_model(overrides):
     model_cfg, state = _config(**overrides).model, _state_shapes(_config(**overrides))
     assert memory.param_count(model_cfg) * 4 == _nbytes(state.params)

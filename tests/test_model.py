@@ -120,3 +120,29 @@ def test_from_config_passes_remat():
     assert unet.from_config(cfg).remat is False
     cfg.remat = True
     assert unet.from_config(cfg).remat is True
+
+
+def test_level_widths_double_by_default_or_are_given_one_per_level():
+    assert unet.level_widths(8, 4) == [8, 16, 32, 64, 128]
+    assert unet.level_widths(8, 3, (8, 16, 48, 96)) == [8, 16, 48, 96]
+    for bad in ((8, 16, 32), (8, 16, 0, 64)):
+        with pytest.raises(ValueError, match="model.widths needs 4 positive widths"):
+            unet.level_widths(8, 3, bad)
+
+
+def test_given_widths_shape_every_block():
+    model = unet.UNet(features=4, depth=2, widths=(4, 12, 20))
+    variables = _init(model, (16, 16))
+    kernels = {name: block["ConvNormReLU_1"]["Conv_0"]["kernel"].shape[-1]
+               for name, block in variables["params"].items() if name != "head"}
+    assert kernels == {"down0": 4, "down1": 12, "centre": 20, "up1": 12, "up0": 4}
+
+
+@pytest.mark.parametrize("widths, message", [((8, 16, 32), "must be 5 positive integers"),
+                                             ((8, 16, 32, 64, 0), "must be 5 positive integers")])
+def test_config_with_bad_widths_is_refused_in_one_line(widths, message):
+    from configs import demo
+    config = demo.get_config()
+    config.model.widths = widths
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)

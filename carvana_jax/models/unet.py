@@ -84,6 +84,17 @@ def make_block(model: nn.Module, features: int, name: str) -> nn.Module:
     raise ValueError(f"model.block must be 'double_conv' or 'dense', got {model.block!r}")
 
 
+def level_widths(features: int, depth: int, widths=()) -> list[int]:
+    """The channels of the blocks at each level 0..depth (the last is the centre): ``widths`` when given (one per
+    level), else ``features`` doubling per level."""
+    if widths:
+        if len(widths) != depth + 1 or min(widths) < 1:
+            raise ValueError(f"model.widths needs {depth + 1} positive widths (levels 0..{depth}, the centre "
+                             f"last) for depth {depth}; got {tuple(widths)}")
+        return [int(w) for w in widths]
+    return [features * 2**level for level in range(depth + 1)]
+
+
 def _upsample2x(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -117,6 +128,7 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     space_to_depth: int = 1
+    widths: tuple[int, ...] = ()
 
     def _block(self, features: int, name: str) -> nn.Module:
         return make_block(self, features, name)
@@ -127,15 +139,16 @@ class UNet(nn.Module):
         s = self.space_to_depth
         if s > 1:
             x = patches = space_to_depth(x, s)
+        widths = level_widths(self.features, self.depth, self.widths)
         skips = []
         for level in range(self.depth):
-            x = self._block(self.features * 2**level, f"down{level}")(x, train)
+            x = self._block(widths[level], f"down{level}")(x, train)
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = self._block(self.features * 2**self.depth, "centre")(x, train)
+        x = self._block(widths[self.depth], "centre")(x, train)
         for level in reversed(range(self.depth)):
             x = jnp.concatenate([_upsample2x(x), skips[level]], axis=-1)
-            x = self._block(self.features * 2**level, f"up{level}")(x, train)
+            x = self._block(widths[level], f"up{level}")(x, train)
         if s == 1:
             logits = nn.Conv(1, (1, 1), dtype=jnp.float32, name="head")(x)
         else:  # the sub-pixel head sees its neighbours and the photo's own patches, not only the coarse features
@@ -155,4 +168,4 @@ def from_config(model_cfg) -> nn.Module:
         return encoders.from_config(model_cfg, dtypes[model_cfg.dtype])
     return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
                 dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat,
-                space_to_depth=int(model_cfg.get("space_to_depth", 1)))
+                space_to_depth=int(model_cfg.get("space_to_depth", 1)), widths=tuple(model_cfg.get("widths", ())))
