@@ -21,7 +21,9 @@ from carvana_jax import parallel, photos, refine, steps
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 
-PNG_COMPRESSION = 3  # zlib level; 1 saves little time here, 6 costs ≈ 1.7× the time for a file ≈ 15% smaller
+# zlib level: for a 1918×1280 cut-out and its mask 81 + 18 ms at 1 against 139 + 30 ms at 3, for files 4% larger
+# (BENCHMARKS.md, "Cut-outs")
+PNG_COMPRESSION = 1
 
 
 @dataclasses.dataclass
