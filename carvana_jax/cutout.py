@@ -17,6 +17,7 @@ watching the input folders and cuts out photos as they arrive (Ctrl-C stops).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import glob
@@ -28,8 +29,11 @@ import time
 from collections.abc import Iterable, Iterator
 
 from absl import flags
+from tqdm import tqdm
 
-from carvana_jax import photos
+from carvana_jax import cli, cutter, photos
+from carvana_jax import eval as eval_lib
+from carvana_jax.config import ConfigError
 from carvana_jax.data.kaggle import DataError
 
 FLAGS = flags.FLAGS
@@ -168,37 +172,36 @@ class Runner:
         return self.cut.prepare(data, job.path, keep_photo=not self.only_mask)
 
     def _write(self, job: Job, mask, alpha, photo) -> None:
-        from carvana_jax import cutter
         encoded = cutter.outputs(mask, alpha, photo, soft=self.soft, bgcolor=self.bgcolor,
                                  only_mask=self.only_mask)
         for kind, path in job.outputs(self.out_dir, self.only_mask).items():
             write_atomic(path, encoded[kind])
 
     def run(self, jobs: list[Job]) -> None:
-        from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="cutout", unit="img", disable=not self.progress or not jobs,
                    file=sys.stderr)
         pending: dict = {}  # bucket → [(job, prepared)]
-        writes: list[concurrent.futures.Future] = []
+        writes: collections.deque = collections.deque()
+        held = 2 * self.batch_size  # photos decoded or cut but not yet written: bounds the memory held
 
-        def flush(bucket):
-            group = pending.pop(bucket)
-            results = self.cut.cut([p for _, p in group])
-            for (job, prepared), (mask, alpha) in zip(group, results):
-                writes.append(pool.submit(self._write, job, mask, alpha, prepared.photo))
-            for future in [w for w in writes if w.done()]:
-                writes.remove(future)
-                future.result()
+        def written(keep: int) -> None:
+            """Wait for the oldest writes until at most ``keep`` are left."""
+            while len(writes) > keep:
+                writes.popleft().result()
                 self.tally.done += 1
                 bar.update(1)
 
+        def flush(bucket) -> None:
+            group = pending.pop(bucket)
+            for (job, prepared), (mask, alpha) in zip(group, self.cut.cut([p for _, p in group])):
+                writes.append(pool.submit(self._write, job, mask, alpha, prepared.photo))
+            written(held)
+
         with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-            ahead = 2 * self.threads + self.batch_size  # decoded photos in flight: bounds the memory held
-            futures = {}
-            queue = list(jobs)
+            futures, queue = {}, collections.deque(jobs)
             while queue or futures:
-                while queue and len(futures) < ahead:
-                    job = queue.pop(0)
+                while queue and len(futures) < 2 * self.threads + self.batch_size:
+                    job = queue.popleft()
                     futures[pool.submit(self._prepare, job)] = job
                 done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
@@ -214,20 +217,16 @@ class Runner:
                     pending.setdefault(prepared.bucket, []).append((job, prepared))
                     if len(pending[prepared.bucket]) >= self.batch_size:
                         flush(prepared.bucket)
-                    elif sum(map(len, pending.values())) > 2 * self.batch_size:  # many sizes: bound the memory
+                    elif sum(map(len, pending.values())) > held:  # many sizes at once
                         flush(max(pending, key=lambda b: len(pending[b])))
                 if not futures:  # nothing more is being decoded: run what is left, however few
                     for bucket in list(pending):
                         flush(bucket)
-            for future in writes:
-                future.result()
-                self.tally.done += 1
-                bar.update(1)
+            written(0)
         bar.close()
 
 
 def cut_stdin(cut, only_mask: bool, soft: bool, bgcolor) -> None:
-    from carvana_jax import cutter
     data = sys.stdin.buffer.read()
     prepared = cut.prepare(data, "<stdin>", keep_photo=not only_mask)
     [(mask, alpha)] = cut.cut([prepared])
@@ -264,7 +263,6 @@ def watch(runner: Runner, folders: list[str], interval: float, seen: set[str]) -
 
 
 def main(argv) -> None:
-    from carvana_jax import cli
     inputs = argv[1:]
     with cli.friendly_errors():
         sys.exit(cutout(inputs))
@@ -272,9 +270,6 @@ def main(argv) -> None:
 
 def cutout(inputs: list[str]) -> int:
     """The command: returns its exit status."""
-    from carvana_jax import cutter
-    from carvana_jax import eval as eval_lib
-    from carvana_jax.config import ConfigError
     if not inputs:
         raise ConfigError("give at least one INPUT (image files, folders, globs, or - for standard input)")
     if not FLAGS.ckpt:
@@ -307,6 +302,8 @@ def cutout(inputs: list[str]) -> int:
     runner.run(runner.todo(jobs))
     if FLAGS.watch and folders:
         watch(runner, folders, FLAGS.watch_interval, {job.path for job in jobs})
+    elif FLAGS.watch:
+        print("--watch: no folder among the inputs to watch", file=sys.stderr)
     seconds = time.perf_counter() - start
     t = runner.tally
     rate = f", {t.done / seconds:.1f} images/s" if t.done and seconds > 0 else ""
@@ -316,6 +313,5 @@ def cutout(inputs: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from carvana_jax import cli
     define_flags()
     cli.run(main)

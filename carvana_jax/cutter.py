@@ -6,7 +6,7 @@ Photos are prepared one by one (``Cutter.prepare``: decoded and warped to each m
 ``carvana_jax.photos`` says) and run in batches of photos that share a *bucket*: the photo's size as displayed
 (the masks come back at exactly that size) and so its model inputs and guide. Each bucket and batch size is
 one compiled program, kept for reuse; batches are padded to a power of two so a bucket compiles at most
-log2(batch size) + 1 of them. A folder from one camera is one bucket.
+log2(batch size) + 2 of them. A folder from one camera is one bucket.
 """
 from __future__ import annotations
 
@@ -51,8 +51,7 @@ class Cutter:
     def __init__(self, ensemble, batch_size: int = 8):
         self.ensemble = ensemble
         self.batch_size = max(1, int(batch_size))
-        n = len(ensemble.inputs)  # the batch keys of its inputs, as the ensemble names them
-        self._image_keys = ["image"] if n == 1 else [f"image{i}" for i in range(n)]
+        self._image_keys = ensemble.input_keys
 
     def _plan(self, full_hw) -> tuple[list[tuple[int, int]], list[str]]:
         """Each distinct model input's (size, fit) for a ``full_hw`` photo: the models' own for the photo size
@@ -94,7 +93,7 @@ class Cutter:
 
     @functools.lru_cache(maxsize=32)
     def _program(self, full_hw, fits: tuple[str, ...], guide_scale: int):
-        kw = dict(self.ensemble._kw)
+        kw = dict(self.ensemble.device_kw)
         key_fit = dict(zip(self._image_keys, fits))
         kw["fits"] = tuple(key_fit[key] for key in kw["image_keys"])
         fn = functools.partial(steps.ensemble_cutouts, threshold=self.ensemble.threshold,
@@ -113,7 +112,7 @@ class Cutter:
         full_hw = prepared[0].full_hw
         batch = {key: np.stack([p.arrays[key] for p in prepared]) for key in prepared[0].arrays}
         mesh = self.ensemble.mesh
-        rows = max(len(prepared), _pow2_at_least(len(prepared)))
+        rows = min(_pow2_at_least(len(prepared)), max(len(prepared), self.batch_size))
         batch, n = parallel.pad_to_multiple(batch, rows)
         batch, _ = parallel.pad_to_multiple(batch, mesh.devices.size)
         fn = self._program(full_hw, tuple(self._plan(full_hw)[1]), self.guide_scale(full_hw))

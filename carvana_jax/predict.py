@@ -124,13 +124,16 @@ class Ensemble:
         self.inputs = list(dict.fromkeys((tuple(m.image_size), m.fit) for m in members))
         self.sizes = [size for size, _ in self.inputs]
         self.variables = tuple(m.variables for m in members)
+        # The batch key of each distinct input, in order.
         keys = ("image",) if len(self.inputs) == 1 else tuple(f"image{i}" for i in range(len(self.inputs)))
+        self.input_keys = keys
         # 'guided': the guide is the photo at the finest decode scale any model's input is warped from.
         self.guide_scale = refine.guide_scale(rle.FULL_SHAPE, self.sizes) if "guided" in self.postprocess else 0
         self.guide_hw = refine.guide_shape(rle.FULL_SHAPE, self.guide_scale) if self.guide_scale else None
-        self._kw = {"apply_fns": tuple(m.apply_fn for m in members), "tta": self.tta,
-                    "image_keys": tuple(keys[self.inputs.index((tuple(m.image_size), m.fit))] for m in members),
-                    "multiples": tuple(int(m.multiple) for m in members), "fits": tuple(m.fit for m in members)}
+        # The device programs' static arguments (steps.ensemble_probs).
+        self.device_kw = {"apply_fns": tuple(m.apply_fn for m in members), "tta": self.tta,
+                          "image_keys": tuple(keys[self.inputs.index((tuple(m.image_size), m.fit))] for m in members),
+                          "multiples": tuple(int(m.multiple) for m in members), "fits": tuple(m.fit for m in members)}
 
     @property
     def tta_name(self) -> str:
@@ -145,7 +148,7 @@ class Ensemble:
         """(variables, device batch) → uint8 masks (B, 1280, 1918)."""
         return parallel.data_parallel_map(
             functools.partial(steps.ensemble_masks, threshold=self.threshold, guide_scale=self.guide_scale,
-                              **self._kw), self.mesh)
+                              **self.device_kw), self.mesh)
 
     @functools.cached_property
     def pack_fn(self) -> Callable:
