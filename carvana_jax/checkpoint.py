@@ -17,7 +17,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit
-MODEL_KEY_DEFAULTS = {"model.encoder": "unet"}  # what a config saved before the key existed meant
+MODEL_KEY_DEFAULTS = {"model.encoder": "unet", "model.widths": []}  # what a config saved before the key existed meant
 INIT_ONLY_KEYS = ("model.pretrained",)  # where a fresh run's first parameters came from, not what they are
 
 
@@ -121,14 +121,16 @@ class Checkpointer:
 def model_mismatch(saved, current) -> list[str]:
     """'key: saved vs current' for each model-defining key that differs between two configs."""
     def flat(cfg):
+        def plain(value):  # a JSON-restored config holds lists where the live one holds tuples
+            return list(value) if isinstance(value, (tuple, list)) else value
         d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         out = {}
         for key in MODEL_KEYS:
             value = d.get(key)
             if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
+                out.update({f"{key}.{k}": plain(v) for k, v in value.items()})
             else:
-                out[key] = list(value) if isinstance(value, (tuple, list)) else value
+                out[key] = plain(value)
         return {**MODEL_KEY_DEFAULTS, **{k: v for k, v in out.items() if k not in INIT_ONLY_KEYS}}
     a, b = flat(saved), flat(current)
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

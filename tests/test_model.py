@@ -146,3 +146,19 @@ def test_config_with_bad_widths_is_refused_in_one_line(widths, message):
     config.model.widths = widths
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+def test_saved_widths_match_the_live_config_and_a_config_saved_before_them_means_the_default():
+    import json
+
+    import ml_collections
+
+    from carvana_jax.checkpoint import model_mismatch
+    from configs import demo, real_cpu
+    live = real_cpu.get_config()
+    restored = ml_collections.ConfigDict(json.loads(json.dumps(live.to_dict())))  # tuples come back as lists
+    assert model_mismatch(restored, live) == []
+    old = demo.get_config()
+    del old.model["widths"]
+    assert model_mismatch(old, demo.get_config()) == []
+    assert any(m.startswith("model.widths: [] vs [8, 16, 32, 96, 192]") for m in model_mismatch(old, live))
