@@ -174,6 +174,7 @@ def print_table(r: dict) -> None:
         print(f"  {label:34s} {s:8.2f} {n / s:9.1f} {1e3 * s / n:9.1f}{mark}")
     q = r.get("server")
     if q:
-        print(f"server ({q['clients']} concurrent clients, {q['requests']} requests, started in {q['startup_s']:.1f} s): "
-              f"{q['requests_per_sec']:.2f} requests/s; latency median {q['latency_median_s']:.2f} s, "
+        print(f"server ({q['clients']} concurrent clients, {q['requests']} requests, started in "
+              f"{q['startup_s']:.1f} s): {q['requests_per_sec']:.2f} requests/s; latency median "
+              f"{q['latency_median_s']:.2f} s, "
               f"max {q['latency_max_s']:.2f} s")

@@ -125,8 +125,8 @@ class Ensemble:
         self.sizes = [size for size, _ in self.inputs]
         self.variables = tuple(m.variables for m in members)
         # The batch key of each distinct input, in order.
-        keys = ("image",) if len(self.inputs) == 1 else tuple(f"image{i}" for i in range(len(self.inputs)))
-        self.input_keys = keys
+        self.input_keys = keys = ("image",) if len(self.inputs) == 1 else tuple(f"image{i}" for i in
+                                                                                 range(len(self.inputs)))
         # 'guided': the guide is the photo at the finest decode scale any model's input is warped from.
         self.guide_scale = refine.guide_scale(rle.FULL_SHAPE, self.sizes) if "guided" in self.postprocess else 0
         self.guide_hw = refine.guide_shape(rle.FULL_SHAPE, self.guide_scale) if self.guide_scale else None
