@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # carvana_jax front door.
-#   ./run.sh                      set up, make synthetic data, train configs/demo.py, evaluate, write a submission
+#   ./run.sh                      set up, make synthetic data, train configs/demo.py, evaluate, submit, cut out
 #   ./run.sh CONFIG [--config.k=v ...]   train CONFIG, then evaluate it (val Dice if it holds cars out) and submit
 #   ./run.sh test [pytest args]   set up and run the test suite
 # Set-up creates .venv (CUDA 12 jax where nvidia-smi works) and reinstalls when pyproject.toml changes;
@@ -60,6 +60,9 @@ case "${1:-}" in
       "$PY" -m carvana_jax.data.synthetic --out "$data" --cars 24 --test_cars 4
     fi
     train_and_evaluate configs/demo.py --config.data_dir="$data"
+    demo_workdir="${WORKDIR:-workdirs/demo}"
+    "$PY" -m carvana_jax.cutout --ckpt "$demo_workdir" "$data/test" --out "$demo_workdir/cutouts"
+    echo "cut-outs:   $demo_workdir/cutouts/"
     ;;
   -h|--help|help)
     sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
