@@ -53,9 +53,11 @@ class Cutter:
         self.batch_size = max(1, int(batch_size))
         self._image_keys = ensemble.input_keys
 
-    def _plan(self, full_hw) -> tuple[list[tuple[int, int]], list[str]]:
-        """Each distinct model input's (size, fit) for a ``full_hw`` photo: the models' own for the photo size
-        they were trained on, else its aspect ratio at their pixel count ('resize')."""
+    @functools.lru_cache(maxsize=64)
+    def _plan(self, full_hw) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...], int]:
+        """(each distinct model input's size, its fit, the guide's scale-down or 0) for a ``full_hw`` photo: the
+        models' own inputs for the photo size they were trained on, else its aspect ratio at their pixel count
+        ('resize'); the guide at the finest JPEG scale those inputs are warped from, as eval takes it."""
         sizes, fits = [], []
         for member_size, fit in self.ensemble.inputs:
             multiple = next(m.multiple for m in self.ensemble.members
@@ -63,36 +65,32 @@ class Cutter:
             size = photos.model_size(full_hw, member_size, multiple)
             sizes.append(size)
             fits.append(fit if size == tuple(member_size) else "resize")
-        return sizes, fits
-
-    def guide_scale(self, full_hw) -> int:
-        """The guide's scale-down for a ``full_hw`` photo (0: no guided filter)."""
-        if not self.ensemble.guide_scale:
-            return 0
-        return refine.guide_scale(full_hw, self._plan(full_hw)[0])
+        guide = refine.guide_scale(full_hw, sizes) if self.ensemble.guide_scale else 0
+        return tuple(sizes), tuple(fits), guide
 
     def prepare(self, data: bytes, name: str, keep_photo: bool = True) -> Prepared:
         """Decode and warp one photo's bytes (DataError naming ``name`` when they are no readable image)."""
         header = photos.read_header(data, name)
         full_hw = header.full_hw
-        sizes, fits = self._plan(full_hw)
+        sizes, fits, k_guide = self._plan(full_hw)
         decoded, arrays = {}, {}
         for key, size, fit in zip(self._image_keys, sizes, fits):
             k = augment.dct_scale(full_hw, size)
             if k not in decoded:
                 decoded[k] = photos.decode(data, header, k, name)
             arrays[key] = photos.model_input(decoded[k], full_hw, size, fit)
-        k = self.guide_scale(full_hw)
-        if k:  # from the finest decode made, as eval's pipeline takes it
+        if k_guide:  # from the finest decode made, as eval's pipeline takes it
             finest = decoded[min(decoded)]
-            arrays["guide"] = pipeline.guide_image(finest, full_hw, refine.guide_shape(full_hw, k))
+            arrays["guide"] = pipeline.guide_image(finest, full_hw, refine.guide_shape(full_hw, k_guide))
         photo = None
         if keep_photo:
             photo = decoded[1] if 1 in decoded else photos.decode(data, header, 1, name)
         return Prepared(name, full_hw, arrays, photo)
 
     @functools.lru_cache(maxsize=32)
-    def _program(self, full_hw, fits: tuple[str, ...], guide_scale: int):
+    def _program(self, full_hw):
+        """The device program of a ``full_hw`` photo's bucket (jit compiles it once per batch size)."""
+        _, fits, guide_scale = self._plan(full_hw)
         kw = dict(self.ensemble.device_kw)
         key_fit = dict(zip(self._image_keys, fits))
         kw["fits"] = tuple(key_fit[key] for key in kw["image_keys"])
@@ -115,7 +113,7 @@ class Cutter:
         rows = min(_pow2_at_least(len(prepared)), max(len(prepared), self.batch_size))
         batch, n = parallel.pad_to_multiple(batch, rows)
         batch, _ = parallel.pad_to_multiple(batch, mesh.devices.size)
-        fn = self._program(full_hw, tuple(self._plan(full_hw)[1]), self.guide_scale(full_hw))
+        fn = self._program(full_hw)
         masks, alphas = fn(self.ensemble.variables, parallel.shard_batch(batch, mesh))
         masks, alphas = parallel.to_host(masks)[:n], parallel.to_host(alphas)[:n]
         out = []
