@@ -1,6 +1,6 @@
 """Score checkpoints on photos with known masks, or write a Kaggle submission for the test photos.
 
-    python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip,shift,scale]
+    python -m carvana_jax.eval --ckpt DIR [--ckpt DIR2 ...] [--split val|train|test] [--tta none|hflip,shift,scale,phase]
                                [--postprocess none|guided|components|fill|clean|LIST] [--threshold T] [--out PATH]
                                [--step N] [--data_dir D] [--num_workers W]
 
@@ -52,7 +52,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "test: the submission CSV (default CKPT_WORKDIR/submission.csv); val/train: the "
                         "folder for per_image.csv and the plots (default CKPT_WORKDIR/eval_<split>/).")
     flags.DEFINE_string("tta", None, "Test-time augmentation, a comma list: none, hflip (the mirrored photo), "
-                        "shift (moved by ±4 model pixels diagonally), scale (resized 0.9x and 1.1x); the "
+                        "shift (moved by ±4 model pixels diagonally), scale (resized 0.9x and 1.1x), phase (moved "
+                        "by one pixel diagonally, mirrored too with hflip); the "
                         "probabilities of the plain and every listed view are averaged at model size "
                         "(default: the first checkpoint's tta).")
     flags.DEFINE_string("postprocess", None, "Prediction clean-up before scoring or writing, a comma list of: "

@@ -57,9 +57,10 @@ def train_step(state, batch, *, loss_fn, schedule, mask_scale: float = 1.0, ema_
 
 # Test-time augmentation: each transform's views are predicted on the transformed input and mapped back,
 # and the mean over the plain view and all of them is taken at model size, before any up-sampling.
-TTA = ("hflip", "shift", "scale")
+TTA = ("hflip", "shift", "scale", "phase")
 SHIFT_PX = 4          # 'shift': two views, the input moved by (+4, +4) and (-4, -4) model pixels (edges repeated)
 SCALES = (0.9, 1.1)   # 'scale': two views, the input resized by these factors (to a multiple of the model's)
+PHASE_PX = 1          # 'phase': the input moved by one pixel diagonally — half a block pixel under a 2×2 fold
 
 
 def parse_tta(spec) -> tuple[str, ...]:
@@ -81,15 +82,22 @@ def tta_name(spec) -> str:
 
 
 def tta_views(tta) -> tuple[tuple, ...]:
-    """The views a TTA predicts besides the plain one: ('hflip',), ('shift', dy, dx), ('scale', f)."""
+    """The views a TTA predicts besides the plain one: ('hflip',), ('shift', dy, dx), ('scale', f), and for
+    'phase' ('shift', 1, 1) — with its mirror ('hflip_shift', 1, 1) when 'hflip' is on too, so both
+    orientations see both phases of the fold's patches."""
+    names = parse_tta(tta)
     views = []
-    for name in parse_tta(tta):
+    for name in names:
         if name == "hflip":
             views.append(("hflip",))
         elif name == "shift":
             views += [("shift", SHIFT_PX, SHIFT_PX), ("shift", -SHIFT_PX, -SHIFT_PX)]
-        else:
+        elif name == "scale":
             views += [("scale", f) for f in SCALES]
+        else:
+            views.append(("shift", PHASE_PX, PHASE_PX))
+            if "hflip" in names:
+                views.append(("hflip_shift", PHASE_PX, PHASE_PX))
     return tuple(views)
 
 
@@ -111,7 +119,8 @@ def predict_probs(variables, images, apply_fn, hflip_tta: bool = False, *, tta=N
     spec for ``parse_tta``; the older ``hflip_tta=True`` means tta='hflip'). 'hflip' predicts the mirrored
     image and mirrors back; 'shift' predicts inputs moved by ±SHIFT_PX (edges repeated) and moves back;
     'scale' predicts the input resized by each of SCALES (to sizes that are multiples of ``multiple``,
-    2**depth for a U-Net) and resizes the probabilities back (bilinear, antialiased when shrinking)."""
+    2**depth for a U-Net) and resizes the probabilities back (bilinear, antialiased when shrinking); 'phase'
+    moves the input by PHASE_PX pixels diagonally (mirrored too with 'hflip') and moves back."""
     views = tta_views(("hflip",) if tta is None and hflip_tta else tta)
     x = normalise(images)
     hw = x.shape[1:3]
@@ -125,6 +134,8 @@ def predict_probs(variables, images, apply_fn, hflip_tta: bool = False, *, tta=N
             p = predict(x[:, :, ::-1])[:, :, ::-1]
         elif view[0] == "shift":
             p = shift(predict(shift(x, view[1], view[2])), -view[1], -view[2])
+        elif view[0] == "hflip_shift":
+            p = shift(predict(shift(x[:, :, ::-1], view[1], view[2])), -view[1], -view[2])[:, :, ::-1]
         else:
             size = scaled_size(hw, view[1], multiple)
             z = jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="bilinear")

@@ -55,6 +55,7 @@ def test_tta_specs():
     assert steps.parse_tta("scale, hflip") == ("hflip", "scale")
     assert steps.tta_name("shift,hflip") == "hflip,shift" and steps.tta_name("none") == "none"
     assert len(steps.tta_views("hflip,shift,scale")) == 5  # plus the plain view: 6 forward passes
+    assert len(steps.tta_views("phase")) == 1 and len(steps.tta_views("hflip,phase")) == 3  # both phases mirrored
     with pytest.raises(ValueError, match="'vflip'"):
         steps.parse_tta("hflip,vflip")
 
@@ -101,6 +102,21 @@ def test_tta_is_the_mean_of_each_views_own_prediction(model, images):
         fn = jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, tta=names, multiple=8))
         np.testing.assert_allclose(np.asarray(fn(variables, images)), np.mean([views[i] for i in chosen], axis=0),
                                    atol=2e-6)
+
+
+def test_phase_tta_is_the_mean_of_both_phases_in_both_orientations(model, images):
+    apply_fn, variables = model
+    x = images.astype(np.float32) / 255
+    d = steps.PHASE_PX
+    flip = (lambda z: z[:, :, ::-1])
+    plain = _probs(apply_fn, variables, x)
+    mirrored = flip(_probs(apply_fn, variables, flip(x)))
+    moved = _np_shift(_probs(apply_fn, variables, _np_shift(x, d, d)), -d, -d)
+    moved_mirrored = flip(_np_shift(_probs(apply_fn, variables, _np_shift(flip(x), d, d)), -d, -d))
+    for spec, chosen in (("phase", [plain, moved]), ("hflip,phase", [plain, mirrored, moved, moved_mirrored])):
+        got = np.asarray(jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, tta=spec))(variables, images))
+        np.testing.assert_allclose(got, np.mean(chosen, axis=0), atol=2e-6)
+    assert np.abs(moved - plain).max() > 1e-3  # the moved view is another prediction
 
 
 def test_ensemble_with_tta_thresholds_the_upsampled_tta_mean(model, kaggle_dir):
