@@ -25,6 +25,19 @@ class CheckpointError(Exception):
     """A checkpoint that is missing or does not fit the model; the message says which and why."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read back (truncated, corrupt, half-deleted)."""
+
+    def __init__(self, step: int, path: str, reason: str):
+        super().__init__(f"checkpoint {path} is unreadable ({reason})")
+        self.step, self.path = step, path
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
 def checkpoint_dir(path: str) -> str:
     """The checkpoints folder of a workdir, or the path itself if it already is one."""
     nested = os.path.join(path, "checkpoints")
@@ -87,8 +100,8 @@ class Checkpointer:
         path = epath.Path(self.directory) / str(step) / "state"
         try:
             stored = ocp.StandardCheckpointHandler().metadata(path)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
+        except Exception as e:  # orbax and tensorstore raise plain Exceptions for damaged files
+            raise UnreadableCheckpoint(step, str(path.parent), _first_line(e)) from e
         stored_shapes = {_leaf_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
         for key, leaf in jax.tree_util.tree_leaves_with_path(target_state):
             name = _leaf_name(key)
@@ -109,7 +122,33 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit this model: {e}".splitlines()[0]) from e
+        except Exception as e:  # the shapes fitted, so the arrays' files are damaged
+            raise UnreadableCheckpoint(step, os.path.join(self.directory, str(step)), _first_line(e)) from e
         return restored["state"], restored.get("data") if "data" in items else None
+
+    def set_aside(self, step: int) -> str:
+        """Rename ``step``'s folder to STEP.unreadable (kept for a look, never read again); the new path."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unreadable"
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}.unreadable{n}"
+        os.rename(src, dst)
+        self.manager.reload()
+        return dst
+
+    def restore_newest_readable(self, target_state, say=print):
+        """(step, state, data_state) of the newest checkpoint that reads back, each unreadable newer one named in
+        one line (``say``) and set aside; (None, target_state, None) when none does. Only process 0 renames."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, target_state))
+            except UnreadableCheckpoint as e:
+                if jax.process_index() == 0:
+                    aside = self.set_aside(step)
+                    say(f"warning: {e}; set aside as {os.path.basename(aside)}, trying the one before")
+        return None, target_state, None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -20,7 +20,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from carvana_jax.config import ConfigError
     from carvana_jax.data.kaggle import DataError
     from carvana_jax.distributed import DistributedError
-    return DataError, CheckpointError, ConfigError, DistributedError
+    from carvana_jax.workdir_lock import WorkdirBusy
+    return DataError, CheckpointError, ConfigError, DistributedError, WorkdirBusy
 
 
 def define_config_flags(default_config: str | None = "configs/demo.py") -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -29,7 +30,7 @@ from absl import flags
 
 from carvana_jax import optim, parallel, plots, predict, rle, submission
 from carvana_jax import postprocess as postprocess_lib
-from carvana_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
+from carvana_jax.checkpoint import Checkpointer, CheckpointError, UnreadableCheckpoint, checkpoint_dir
 from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline, sources
 from carvana_jax.models import unet
@@ -103,20 +104,29 @@ def load_checkpoint(path: str, step: int | None = None, mesh=None):
     if not os.path.isdir(directory):
         raise CheckpointError(f"--ckpt {path}: no such folder")
     ckpt = Checkpointer(directory, read_only=True)
+    mesh = mesh or parallel.make_mesh()
     try:
-        step = step if step is not None else ckpt.best_step()
-        if step is None or step not in ckpt.manager.all_steps():
-            raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if step is None else f' at step {step}'} there "
-                                  "(expected a training workdir or its checkpoints/ folder)")
-        config = _with_defaults(ckpt.load_config(step))
-        model = unet.from_config(config.model)
-        target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config),
-                                    tuple(config.image_size), ema=config.ema_decay > 0)
-        mesh = mesh or parallel.make_mesh()
-        state, _ = ckpt.restore(step, parallel.replicate(target, mesh), with_data=False)
+        while True:  # an unreadable best checkpoint of a workdir is set aside and the next best read instead
+            chosen = step if step is not None else ckpt.best_step()
+            if chosen is None or chosen not in ckpt.manager.all_steps():
+                raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if chosen is None else f' at step {chosen}'} "
+                                      "there (expected a training workdir or its checkpoints/ folder)")
+            config = _with_defaults(ckpt.load_config(chosen))
+            model = unet.from_config(config.model)
+            target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config),
+                                        tuple(config.image_size), ema=config.ema_decay > 0)
+            try:
+                state, _ = ckpt.restore(chosen, parallel.replicate(target, mesh), with_data=False)
+                break
+            except UnreadableCheckpoint as e:
+                if step is not None:  # the user named this one: refuse it rather than score another
+                    raise
+                aside = ckpt.set_aside(chosen)
+                print(f"warning: {e}; set aside as {os.path.basename(aside)}, reading the next best",
+                      file=sys.stderr)
     finally:
         ckpt.close()
-    return config, state.variables, model.apply, step
+    return config, state.variables, model.apply, chosen
 
 
 def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, threshold: float | None = None,

@@ -13,17 +13,19 @@ same whatever the number of processes and devices, and a checkpoint resumes on a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import losses, memory, optim, parallel, plots, predict, steps
+from carvana_jax import losses, memory, optim, parallel, plots, predict, steps, workdir_lock
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
@@ -100,9 +102,16 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
                        progress: bool = True) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
 
-    ``stop_after`` ends the run after that many optimiser updates, as a pre-emption would.
+    ``stop_after`` ends the run after that many optimiser updates, as a pre-emption would. Process 0 holds
+    the workdir's lock throughout (``workdir_lock``): a second run in the same workdir is refused by name.
     """
     validate_config(config)
+    lock = workdir_lock.held(workdir) if parallel.is_main_process() else contextlib.nullcontext()
+    with lock:
+        return _train_and_evaluate(config, workdir, mesh, stop_after, progress)
+
+
+def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, progress: bool) -> dict:
     os.makedirs(workdir, exist_ok=True)
     metrics_path, plot_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "plots")
     train_records, val_records = sources.train_and_val(config)
@@ -124,7 +133,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
         if mismatch := model_mismatch(ckpt.load_config(latest), config):
             raise CheckpointError(f"{workdir} holds checkpoints of a different model ({'; '.join(mismatch)}); "
                                   "use another --workdir or the same config")
-        state, data_state = ckpt.restore(latest, state)
+        _, state, data_state = ckpt.restore_newest_readable(state, say=lambda line: print(line, file=sys.stderr))
 
     position, legacy_state = resume_point(data_state)
     data_iter = iter(pipeline.train_dataset(train_records, config, parallel.process_index(),
