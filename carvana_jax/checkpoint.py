@@ -28,9 +28,8 @@ class CheckpointError(Exception):
 class UnreadableCheckpoint(CheckpointError):
     """A checkpoint whose files cannot be read back (truncated, corrupt, half-deleted)."""
 
-    def __init__(self, step: int, path: str, reason: str):
+    def __init__(self, path: str, reason: str):
         super().__init__(f"checkpoint {path} is unreadable ({reason})")
-        self.step, self.path = step, path
 
 
 def _first_line(error: BaseException) -> str:
@@ -101,7 +100,7 @@ class Checkpointer:
         try:
             stored = ocp.StandardCheckpointHandler().metadata(path)
         except Exception as e:  # orbax and tensorstore raise plain Exceptions for damaged files
-            raise UnreadableCheckpoint(step, str(path.parent), _first_line(e)) from e
+            raise UnreadableCheckpoint(str(path.parent), _first_line(e)) from e
         stored_shapes = {_leaf_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
         for key, leaf in jax.tree_util.tree_leaves_with_path(target_state):
             name = _leaf_name(key)
@@ -123,7 +122,7 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit this model: {e}".splitlines()[0]) from e
         except Exception as e:  # the shapes fitted, so the arrays' files are damaged
-            raise UnreadableCheckpoint(step, os.path.join(self.directory, str(step)), _first_line(e)) from e
+            raise UnreadableCheckpoint(os.path.join(self.directory, str(step)), _first_line(e)) from e
         return restored["state"], restored.get("data") if "data" in items else None
 
     def set_aside(self, step: int) -> str:
