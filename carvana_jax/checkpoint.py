@@ -6,8 +6,14 @@ validation Dice.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import shutil
+import sys
+import threading
+import traceback
 
 import jax
 import ml_collections
@@ -32,6 +38,21 @@ class UnreadableCheckpoint(CheckpointError):
         super().__init__(f"checkpoint {path} is unreadable ({reason})")
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk or quota, a read-only folder); the ones before it
+    are intact, and nothing of the failed one is left that looks like a checkpoint."""
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """The operating system's reason for a failed write: an OSError's own, or the one tensorstore's
+    errors (raised by orbax as ValueError) carry as os_error_code; else the error's first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if code := re.search(r"os_error_code='?(\d+)", str(error)):
+        return os.strerror(int(code.group(1)))
+    return _first_line(error)
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return (lines[0] if lines else type(error).__name__)[:200]
@@ -53,6 +74,44 @@ def _leaf_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _from_orbax(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in filename
+
+
+def _drop_orbax_errors(record) -> bool:
+    return not (record.levelno >= absl_logging.ERROR and _from_orbax(record.pathname))
+
+
+def _late_write_callback(exc_type, exc, tb) -> bool:
+    """tensorstore's writes still in flight when orbax gave up on a failed save complete into the event loop
+    orbax has closed, and tensorstore reports each ``RuntimeError('Event loop is closed')`` as unraisable."""
+    frames = traceback.extract_tb(tb) if tb else []
+    return (exc_type is RuntimeError and str(exc) == "Event loop is closed"
+            and bool(frames) and frames[-1].filename.endswith(os.path.join("asyncio", "base_events.py")))
+
+
+def quiet_background_save_errors() -> None:
+    """A failed save is told by orbax's background threads (a thread's traceback, an ERROR log line, and
+    ``_late_write_callback``'s), and the main thread raises it again at the next save or wait, where it
+    becomes one line (CheckpointWriteError): the background tellings are dropped, nothing else."""
+    if getattr(threading.excepthook, "quiet_orbax", False):
+        return
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def on_thread_error(args):
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if not any(_from_orbax(f.filename) for f in frames):
+            thread_hook(args)
+
+    def on_unraisable(args):
+        if not _late_write_callback(args.exc_type, args.exc_value, args.exc_traceback):
+            unraisable_hook(args)
+
+    on_thread_error.quiet_orbax = True
+    threading.excepthook, sys.unraisablehook = on_thread_error, on_unraisable
+    absl_logging.get_absl_logger().addFilter(_drop_orbax_errors)
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
         preserve = policies.AnyPreservationPolicy([
@@ -60,6 +119,10 @@ class Checkpointer:
             policies.BestN(get_metric_fn=_val_dice, n=1, keep_checkpoints_without_metrics=False),
         ])
         self.directory = os.path.abspath(directory)  # orbax's async writer refuses relative paths
+        self._in_flight: int | None = None  # the step an asynchronous save is writing
+        self._failed = False  # a failed save was reported: orbax raises it again on every later wait
+        if not read_only:
+            quiet_background_save_errors()
         verbosity = absl_logging.get_verbosity()
         if read_only:  # orbax warns that a read-only manager will not save, which is the point
             absl_logging.set_verbosity(absl_logging.ERROR)
@@ -84,7 +147,12 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+        self.wait()  # orbax waits for the save before anyway; a failure of that one is named as its own
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._write_failed(step, e) from e
+        self._in_flight = step
 
     def load_config(self, step: int) -> ml_collections.ConfigDict:
         path = os.path.join(self.directory, str(step), "config", "metadata")
@@ -149,11 +217,29 @@ class Checkpointer:
                     say(f"warning: {e}; set aside as {os.path.basename(aside)}, trying the one before")
         return None, target_state, None
 
+    def _write_failed(self, step: int, error: BaseException) -> CheckpointWriteError:
+        """The error to raise for a failed save of ``step``, its partial folders removed (orbax writes into
+        STEP.orbax-checkpoint-tmp* and renames only a complete one, so no checkpoint looks complete)."""
+        self._in_flight, self._failed = None, True
+        for partial in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
+        return CheckpointWriteError(f"cannot write checkpoint {step} in {self.directory}: "
+                                    f"{write_failure_reason(error)}; the checkpoints before it are intact")
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as e:
+            if not self._failed:
+                raise self._write_failed(self._in_flight, e) from e
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.close()
+        """Wait for the save in flight (raising its failure) and release orbax's threads either way."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def model_mismatch(saved, current) -> list[str]:

@@ -5,11 +5,15 @@ a fraction of a second; what needs them imports them when it runs."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import os
 import re
 import sys
 
 from absl import app, flags, logging
+
+from carvana_jax import stopping
 
 FLAGS = flags.FLAGS
 
@@ -58,13 +62,22 @@ def workdir_for(config, workdir: str | None) -> str:
     return os.path.join("workdirs", name)
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
+
+
 @contextlib.contextmanager
 def friendly_errors():
-    """Turn the errors a user can fix into one line on stderr and exit status 1."""
+    """Turn the errors a user can fix into one line on stderr and exit status 1: ours, and a file that
+    cannot be written (a full disk or quota, a read-only folder), named."""
     try:
         yield
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -100,7 +113,21 @@ def run(main, needs_config: bool = False, distributed: bool = False) -> None:
     # resource tracker (a child process, hence the environment variable) frees them and need not warn.
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     enable_compilation_cache()
-    app.run(main, flags_parser=_parse_flags)
+    stopping.exit_on_sigterm()
+    app.run(functools.partial(_interruptible, main), flags_parser=_parse_flags)
+
+
+def _interruptible(main, argv):
+    """``main``, with a stop signal it did not handle itself said in one line instead of a traceback (the
+    ``finally`` blocks on the way out have stopped its worker processes); exit status 128 + the signal."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # on a line of its own, after any progress bar
+        print("\ninterrupted (SIGINT)", file=sys.stderr)
+        sys.exit(130)
+    except stopping.Interrupted as e:
+        print(f"\nstopped ({stopping.signal_name(e.code - 128)})", file=sys.stderr)
+        raise
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -29,11 +29,13 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from carvana_jax import stopping
 from carvana_jax.config import ConfigError, validate_config
 from carvana_jax.data import kaggle
 
@@ -253,11 +255,12 @@ def _say(progress: bool, text: str) -> None:
 
 
 def cross_validate(config, workdir: str, folds: int, fold: int | None = None, *, submission: bool = True,
-                   mesh=None, progress: bool = True) -> dict:
+                   mesh=None, progress: bool = True, stops=None) -> dict:
     """Train, score and (once every fold is done) summarise a K-fold cross-validation by car in ``workdir``.
 
     ``fold`` trains and scores that fold alone. Returns {'folds': held-out cars of each fold, 'missing':
-    folds not done yet, and once none is: 'per_fold', 'overall', 'oof', 'submission'}."""
+    folds not done yet, and once none is: 'per_fold', 'overall', 'oof', 'submission'}; when a stop signal
+    (``stops``, as train takes it) ended a fold's training, {'folds', 'stopped': (fold, update, signal)}."""
     from carvana_jax import parallel, train
     from carvana_jax.data import sources
     validate_config(config)
@@ -295,11 +298,13 @@ def cross_validate(config, workdir: str, folds: int, fold: int | None = None, *,
                            f"{len(held_out[i])} cars ({len(names)} photos){resuming}; {eta_text}")
             start = time.perf_counter()
             try:
-                train.train_and_evaluate(cfg, directory, mesh=mesh, progress=progress)
+                trained = train.train_and_evaluate(cfg, directory, mesh=mesh, progress=progress, stops=stops)
             finally:
                 state["train_seconds"] = (state.get("train_seconds") or 0.0) + time.perf_counter() - start
                 os.makedirs(directory, exist_ok=True)
                 _write_json(state_path, state)
+            if "stopped_by" in trained:
+                return {"folds": held_out, "stopped": (i, trained["step"], trained["stopped_by"])}
             step, best = checkpoint_steps(directory)
         else:
             _say(progress, f"{where}: trained (update {step}), not retrained")
@@ -395,8 +400,13 @@ def main(argv) -> None:
     flags_ = flags.FLAGS
     config = cli.FLAGS.config
     workdir = cli.FLAGS.workdir or cli.workdir_for(config, None) + f"_cv{flags_.folds}"
-    with cli.friendly_errors():
-        cross_validate(config, workdir, flags_.folds, flags_.fold, submission=flags_.submission)
+    with cli.friendly_errors(), stopping.stop_on_signals() as stops:
+        result = cross_validate(config, workdir, flags_.folds, flags_.fold, submission=flags_.submission, stops=stops)
+    if "stopped" in result:
+        fold, update, name = result["stopped"]
+        print(f"stopped fold {fold} at update {update} ({name}), saved; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(stops.exit_status)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 Each process gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
 carvana_jax.distributed reads, and its devices: JAX_NUM_CPU_DEVICES on CPU, its own CUDA_VISIBLE_DEVICES on GPU.
 Their output is forwarded line by line, prefixed with the process index. When one process fails, the others are
-stopped (they would wait for it forever in the next collective) and the launcher exits with its status.
+stopped (they would wait for it forever in the next collective) and the launcher exits with its status. SIGTERM
+or Ctrl-C is passed on to every process (training saves the update in flight, the same one everywhere, and
+exits); a second one stops them at once.
 """
 from __future__ import annotations
 
@@ -97,12 +99,29 @@ def log(message: str) -> None:
     print(f"launch: {message}", file=sys.stderr, flush=True)
 
 
+class StopRequests:
+    """Stop signals received by the launcher (SIGTERM from a scheduler, SIGINT from Ctrl-C), in order."""
+
+    def __init__(self):
+        self.received: list[int] = []
+
+    def handle(self, signum, frame) -> None:
+        del frame
+        self.received.append(signum)
+
+
 def launch(command: list[str], num_processes: int, devices_per_process: int = 1, platform: str = "cpu",
-           port: int = 0, timeout: float = 0) -> int:
-    """Run ``command`` as ``num_processes`` processes; 0 when all succeed, else the first failure's status."""
+           port: int = 0, timeout: float = 0, stops: StopRequests | None = None) -> int:
+    """Run ``command`` as ``num_processes`` processes; 0 when all succeed, else the first failure's status.
+
+    A first stop signal in ``stops`` is passed on to every process, which then finish as they choose
+    (training saves the update in flight and exits): the launcher waits for them and exits with the first
+    non-zero status among theirs. A second stops them at once."""
     port = port or free_port()
+    stops = stops or StopRequests()
     lock = threading.Lock()
     procs, threads = [], []
+    passed_on = False
     try:
         for i in range(num_processes):
             env = process_env(i, num_processes, port, devices_per_process, platform)
@@ -118,15 +137,21 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 1,
             threads.append(t)
         start = time.monotonic()
         while True:
+            if len(stops.received) > 1:
+                _stop(procs)
+                log(f"{signal.Signals(stops.received[-1]).name} again: stopped all {num_processes} processes")
+                return 128 + stops.received[-1]
+            if stops.received and not passed_on:
+                passed_on = _pass_on(procs, stops.received[0])
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
+            if failed and not passed_on:
                 i, code = failed[0]
                 _stop(procs)
                 log(f"process {i} exited with status {code}; stopped the other {num_processes - 1}")
-                return code if code > 0 else 128 - code
-            if all(c == 0 for c in codes):
-                return 0
+                return _status(code)
+            if all(c is not None for c in codes):
+                return _status(failed[0][1]) if failed else 0
             if timeout and time.monotonic() - start > timeout:
                 _stop(procs)
                 log(f"timed out after {timeout:g} s; stopped all {num_processes} processes")
@@ -142,8 +167,19 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 1,
             t.join(timeout=5)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _status(code: int) -> int:
+    """A child's exit status as a shell reports it: killed by signal N is 128 + N."""
+    return code if code > 0 else 128 - code
+
+
+def _pass_on(procs: list[subprocess.Popen], signum: int) -> bool:
+    """Send ``signum`` to every running process (not to their groups: their workers are theirs to stop)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum)
+    log(f"{signal.Signals(signum).name}: passed on to the processes; waiting for them to finish "
+        "(again to stop them at once)")
+    return True
 
 
 def main(argv: list[str]) -> None:
@@ -159,8 +195,11 @@ def main(argv: list[str]) -> None:
         print(f"error: {FLAGS.num_processes} processes × {FLAGS.devices_per_process} GPUs need "
               f"{FLAGS.num_processes * FLAGS.devices_per_process} GPUs; nvidia-smi lists {have}", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop stops the children too
-    sys.exit(launch(command, FLAGS.num_processes, FLAGS.devices_per_process, platform, FLAGS.port, FLAGS.timeout))
+    stops = StopRequests()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a scheduler's stop, or Ctrl-C, reaches every process
+        signal.signal(signum, stops.handle)
+    sys.exit(launch(command, FLAGS.num_processes, FLAGS.devices_per_process, platform, FLAGS.port, FLAGS.timeout,
+                    stops))
 
 
 if __name__ == "__main__":

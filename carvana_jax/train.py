@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import losses, memory, optim, parallel, plots, predict, steps, workdir_lock
+from carvana_jax import losses, memory, optim, parallel, plots, predict, steps, stopping, workdir_lock
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
@@ -99,19 +99,22 @@ def step_function(config, mesh):
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, stops: stopping.StopSignals | None = None) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
 
-    ``stop_after`` ends the run after that many optimiser updates, as a pre-emption would. Process 0 holds
-    the workdir's lock throughout (``workdir_lock``): a second run in the same workdir is refused by name.
+    ``stop_after`` ends the run after that many optimiser updates. ``stops`` (``stopping.stop_on_signals``)
+    ends it after the update in flight when a stop signal comes, with a checkpoint of that update; the
+    metrics then name the signal as ``stopped_by``. Process 0 holds the workdir's lock throughout
+    (``workdir_lock``): a second run in the same workdir is refused by name.
     """
     validate_config(config)
     lock = workdir_lock.held(workdir) if parallel.is_main_process() else contextlib.nullcontext()
     with lock:
-        return _train_and_evaluate(config, workdir, mesh, stop_after, progress)
+        return _train_and_evaluate(config, workdir, mesh, stop_after, progress, stops)
 
 
-def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, progress: bool) -> dict:
+def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, progress: bool,
+                        stops: stopping.StopSignals | None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     metrics_path, plot_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "plots")
     train_records, val_records = sources.train_and_val(config)
@@ -163,9 +166,10 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, prog
                     data_state = data_checkpoint(position)
                 pending.append(metrics)
             update += 1
-            due_log = update % config.log_every == 0 or update == end
+            stop_now = stops is not None and stops.reached(update) and update < end  # at the end it simply ends
+            due_log = update % config.log_every == 0 or update == end or stop_now
             due_eval = bool(val_records) and (update % config.eval_every == 0 or update == total)
-            due_ckpt = update % config.checkpoint_every == 0 or update == end
+            due_ckpt = update % config.checkpoint_every == 0 or update == end or stop_now
             if not (due_log or due_eval or due_ckpt):
                 continue
             last = _host_metrics(pending)  # also the NaN guard before anything is saved
@@ -192,11 +196,13 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, prog
                 if parallel.is_main_process():
                     plots.plot_curves(metrics_path, os.path.join(plot_dir, "curves.png"))
                 _plot_validation(state, val_records, config, mesh, os.path.join(plot_dir, "overlays.png"))
+            if stop_now:
+                last["stopped_by"] = stopping.signal_name(stops.received)
+                break
     finally:
         bar.close()
         data_iter.close()  # stops grain's workers and frees their shared memory
-        ckpt.wait()
-        ckpt.close()
+        ckpt.close()  # after the save in flight
     if parallel.is_main_process() and os.path.exists(metrics_path):
         plots.plot_curves(metrics_path, os.path.join(plot_dir, "curves.png"))
     last["state"] = state
@@ -209,7 +215,13 @@ def main(argv) -> None:
     config, workdir = cli.FLAGS.config, cli.workdir_for(cli.FLAGS.config, cli.FLAGS.workdir)
     with cli.friendly_errors():
         cli.initialize_distributed()  # before anything touches a device
-        result = train_and_evaluate(config, workdir)
+        with stopping.stop_on_signals(synced=parallel.process_count() > 1) as stops:
+            result = train_and_evaluate(config, workdir, stops=stops)
+    if "stopped_by" in result:
+        if parallel.is_main_process():
+            print(f"stopped at update {result['step']} ({result['stopped_by']}), saved; "
+                  "rerun the same command to resume", file=sys.stderr)
+        sys.exit(stops.exit_status)
     if parallel.is_main_process():
         summary = {k: v for k, v in result.items() if k != "state"}
         print(f"trained: {json.dumps(summary)}\nworkdir: {workdir}")

@@ -1,6 +1,8 @@
 """Faults a cluster deals out. One run per workdir: a second run in a held workdir is refused in one line
 naming the holder, and the lock dies with its process. A damaged latest checkpoint is named, set aside, and
-the run resumes from the one before; eval does the same for a workdir and refuses a damaged explicit step."""
+the run resumes from the one before; eval does the same for a workdir and refuses a damaged explicit step.
+A full disk stops training in one line naming the folder, with the earlier checkpoints intact and nothing
+half-written. (Stop signals: test_stopping.py.)"""
 import os
 import signal
 import subprocess
@@ -9,12 +11,13 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from helpers import shared_model
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import train, workdir_lock
-from carvana_jax.checkpoint import CheckpointError
+from carvana_jax.checkpoint import CheckpointError, CheckpointWriteError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = ("import sys, time; from carvana_jax import workdir_lock\n"
@@ -150,3 +153,54 @@ def test_the_train_command_resumes_past_a_damaged_checkpoint_without_a_traceback
     warnings = [line for line in again.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "unreadable" in warnings[0], again.stderr
     assert (workdir / "checkpoints" / "4.unreadable").is_dir() and (workdir / "checkpoints" / "4").is_dir()
+
+
+def test_a_failed_checkpoint_write_is_named_and_leaves_the_earlier_ones_and_no_partial_one(
+        tiny_config, kaggle_dir_few, tmp_path, monkeypatch):
+    config = _four_updates(tiny_config, kaggle_dir_few)
+    workdir = str(tmp_path / "w")
+    real_save = ocp.CheckpointManager.save
+
+    def save_until_the_disk_is_full(manager, step, *args, **kwargs):
+        if step < 4:
+            return real_save(manager, step, *args, **kwargs)
+        os.makedirs(os.path.join(manager.directory, f"{step}.orbax-checkpoint-tmp-1", "state"))  # what orbax leaves
+        raise ValueError(f'RESOURCE_EXHAUSTED: Failed writing: "{manager.directory}/{step}": Failed to write '
+                         "112 bytes to file 7: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_the_disk_is_full)
+    with pytest.raises(CheckpointWriteError) as failure:
+        train.train_and_evaluate(config, workdir, progress=False)
+    folder = os.path.join(workdir, "checkpoints")
+    assert str(failure.value) == (f"cannot write checkpoint 4 in {folder}: No space left on device; "
+                                  "the checkpoints before it are intact")
+    assert os.listdir(folder) == ["2"]
+    _, _, _, step = eval_lib.load_checkpoint(workdir)
+    assert step == 2
+
+
+def _mounted_tmpfs(path, size: str) -> bool:
+    os.makedirs(path)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return mount.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_training_in_one_line_with_the_earlier_checkpoints_intact(kaggle_dir_few, tmp_path):
+    disk = tmp_path / "disk"
+    if not _mounted_tmpfs(disk, "600k"):  # one checkpoint of this model fits (≈ 400 kB), not two
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        workdir = disk / "w"
+        run = subprocess.run(_train(workdir, kaggle_dir_few, "--config.num_train_steps=60",
+                                    "--config.checkpoint_every=5", "--config.num_workers=0"),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "No space left on device" in errors[0], run.stderr
+        assert f"cannot write checkpoint 10 in {workdir / 'checkpoints'}: " in errors[0], errors
+        assert os.listdir(workdir / "checkpoints") == ["5"]  # nothing of the failed one
+        _, _, _, step = eval_lib.load_checkpoint(str(workdir))
+        assert step == 5
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

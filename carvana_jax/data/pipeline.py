@@ -26,7 +26,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import NamedTuple, Union
 
@@ -188,7 +191,7 @@ class ProcessSlice(grain.MapDataset):
 
 
 def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> bool:
-    """grain worker_init_fn: glibc malloc keeps freed blocks of up to 32 MiB for reuse instead of giving
+    """In a worker process: glibc malloc keeps freed blocks of up to 32 MiB for reuse instead of giving
     every one back to the OS. A decoded 1918×1280 photo (7 MiB) is otherwise a fresh mmap each time,
     and first-touch page faults cost ~4 ms of its ~6 ms decode on the benchmark VM. Only in worker
     processes, which exist to run the pipeline; False where glibc's mallopt is not there."""
@@ -202,6 +205,33 @@ def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> bool:
         return False
 
 
+def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
+    """A watch, in a worker process, that ends it within ``poll_s`` of its parent's death: a main process
+    killed by SIGKILL, or crashed, runs none of the clean-up that would stop its workers, and they would
+    otherwise idle on, holding their memory."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def init_worker(worker_index: int = 0, worker_count: int = 1) -> None:
+    """grain worker_init_fn: malloc tuned for decoding (``keep_freed_memory``), and an end with the parent
+    only. Ctrl-C reaches the terminal's whole process group and SLURM signals every process of a job: a
+    worker dying of that would break the main process's last batches while it saves; it stops the workers
+    itself."""
+    keep_freed_memory(worker_index, worker_count)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    exit_with_parent()
+
+
 def parallel(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.IterDataset:
     """``ds`` read in order by ``num_workers`` worker processes (one element at a time each, about two
     batches buffered), or by one reading thread per CPU in this process when num_workers is 0."""
@@ -212,7 +242,7 @@ def parallel(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.I
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     buffer = max(2, -(-2 * batch_size // num_workers))
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
-                          worker_init_fn=keep_freed_memory)
+                          worker_init_fn=init_worker)
 
 
 def pseudo_per_batch(fraction: float, batch_size: int) -> int:
