@@ -1,7 +1,8 @@
-"""Helpers shared by the data tests (imported as a plain module: pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests (imported as a plain module: pytest puts tests/ on sys.path)."""
 import csv
 import os
 import shutil
+import time
 
 from carvana_jax.data import kaggle
 from configs import demo
@@ -67,3 +68,25 @@ def kaggle_subset(kaggle_dir, out, angles: int) -> str:
             csv.writer(f, lineterminator="\n").writerows([rows[0]] + [r for r in rows[1:]
                                                                       if kaggle.parse_name(r[0])[2] <= angles])
     return out
+
+
+def session_alive(sid: int) -> list[str]:
+    """Command lines of the live (not zombie) processes of session ``sid``."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    alive.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:120])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return alive
+
+
+def assert_nothing_left(sid: int) -> None:
+    deadline = time.monotonic() + 10
+    while (alive := session_alive(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"left running: {alive}"

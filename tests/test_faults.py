@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import shared_model
+from helpers import assert_nothing_left, shared_model
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import train, workdir_lock
@@ -72,7 +72,8 @@ def test_a_second_train_in_a_live_runs_workdir_refuses_and_a_killed_run_leaves_i
     workdir = tmp_path / "w"
     first = subprocess.Popen(_train(workdir, kaggle_dir_few, "--config.num_train_steps=100000",
                                     "--config.checkpoint_every=100000", "--config.num_workers=1"),
-                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     try:  # training, with its grain worker running, once the first metrics are written
         _wait_for(lambda: (workdir / "metrics.jsonl").exists() or first.poll() is not None, 240, "the first run")
         assert first.poll() is None
@@ -85,6 +86,7 @@ def test_a_second_train_in_a_live_runs_workdir_refuses_and_a_killed_run_leaves_i
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+    assert_nothing_left(first.pid)  # its grain worker ends with it, though nothing of the killed run stopped it
     # The kernel drops the lock with the process (its grain worker holds no copy of it).
     _wait_for(lambda: _try_hold(workdir), 30, "the killed run's lock to go")
     third = subprocess.run(_train(workdir, kaggle_dir_few, "--config.num_train_steps=2", "--config.num_workers=0"),
@@ -195,9 +197,10 @@ def test_a_full_disk_stops_training_in_one_line_with_the_earlier_checkpoints_int
         run = subprocess.run(_train(workdir, kaggle_dir_few, "--config.num_train_steps=60",
                                     "--config.checkpoint_every=5", "--config.num_workers=0"),
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        told = "\n".join(line for line in run.stderr.replace("\r", "\n").splitlines() if not line.startswith("train:"))
+        assert run.returncode == 1 and "Traceback" not in told, told
         errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "No space left on device" in errors[0], run.stderr
+        assert len(errors) == 1 and "No space left on device" in errors[0], told
         assert f"cannot write checkpoint 10 in {workdir / 'checkpoints'}: " in errors[0], errors
         assert os.listdir(workdir / "checkpoints") == ["5"]  # nothing of the failed one
         _, _, _, step = eval_lib.load_checkpoint(str(workdir))

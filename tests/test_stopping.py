@@ -7,36 +7,14 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from helpers import assert_nothing_left, session_alive
 from test_faults import ROOT, _env, _train, _wait_for
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import stopping
-
-
-def _session_alive(sid: int) -> list[str]:
-    """Command lines of the live (not zombie) processes of session ``sid``."""
-    alive = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    alive.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:120])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    return alive
-
-
-def _assert_nothing_left(sid: int) -> None:
-    deadline = time.monotonic() + 10
-    while (alive := _session_alive(sid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive, f"left running: {alive}"
 
 
 def _metric_rows(workdir) -> int:
@@ -94,7 +72,7 @@ def _stop_at_random_update(cmd, workdir, signum, *, group=False, seed=None):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _assert_nothing_left(proc.pid)
+    assert_nothing_left(proc.pid)
     return proc.returncode, out, err, rows
 
 
@@ -163,14 +141,14 @@ def _stop_when_working(cmd, ready, what: str):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait_for(lambda: ready(_session_alive(proc.pid)) or proc.poll() is not None, 240, what)
+        _wait_for(lambda: ready(session_alive(proc.pid)) or proc.poll() is not None, 240, what)
         assert proc.poll() is None, proc.communicate()[1]
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _assert_nothing_left(proc.pid)
+    assert_nothing_left(proc.pid)
     return proc.returncode, err
 
 
