@@ -78,7 +78,7 @@ def server(workdir, tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
     text = log_path.read_text()
-    assert proc.returncode in (0, -signal.SIGTERM), text
+    assert proc.returncode in (0, 128 + signal.SIGTERM), text  # stopped as asked, through every finally block
     assert "Traceback" not in text, text
     started = [line for line in text.splitlines() if line.startswith("serving on")]
     assert started == [f"serving on {url} (models: {os.path.join(workdir, 'checkpoints')} step 2)"], text
