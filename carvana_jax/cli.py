@@ -24,8 +24,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from carvana_jax.config import ConfigError
     from carvana_jax.data.kaggle import DataError
     from carvana_jax.distributed import DistributedError
+    from carvana_jax.memory import DeviceOutOfMemory
     from carvana_jax.workdir_lock import WorkdirBusy
-    return DataError, CheckpointError, ConfigError, DistributedError, WorkdirBusy
+    return DataError, CheckpointError, ConfigError, DistributedError, WorkdirBusy, DeviceOutOfMemory
 
 
 def define_config_flags(default_config: str | None = "configs/demo.py") -> None:

@@ -11,6 +11,7 @@ the measured peak RSS of a CPU step (tests/test_memory.py), and against the peak
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -193,6 +194,35 @@ def estimate(config, num_devices: int | None = None) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
+
+class DeviceOutOfMemory(Exception):
+    """A training step did not fit in a device's memory; the message gives the estimate and what shrinks it."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def out_of_memory_message(config, num_devices: int) -> str:
+    per_device = config.batch_size // max(num_devices, 1)
+    return (f"a training step of {per_device} image(s) of {config.image_size[0]}x{config.image_size[1]} per device "
+            f"does not fit in device memory ({estimate(config, num_devices).summary()}); shrink it with "
+            "--config.model.dtype=bfloat16, --config.model.remat=true, or a smaller --config.batch_size with "
+            "--config.grad_accum_steps making up the same global batch")
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(config, num_devices: int):
+    """A device's out-of-memory error inside the block as one DeviceOutOfMemory line; other errors as they are."""
+    import jax
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceOutOfMemory(out_of_memory_message(config, num_devices)) from e
+
 
 def peak_device_bytes(device) -> int | None:
     """The device's peak bytes in use since start-up, or None where the backend does not say (the CPU)."""

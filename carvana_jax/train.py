@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import losses, memory, optim, parallel, plots, predict, steps, stopping, workdir_lock
+from carvana_jax import (losses, memory, metric_writers, optim, parallel, plots, predict, profiling, steps, stopping,
+                         workdir_lock)
 from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
@@ -35,12 +36,6 @@ from carvana_jax.train_state import create_train_state
 
 class NonFiniteLossError(Exception):
     """The loss became NaN or inf; the last good checkpoint is left as it was."""
-
-
-def _log(path: str, row: dict) -> None:
-    if parallel.is_main_process():
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def _host_metrics(pending: list) -> dict:
@@ -53,21 +48,23 @@ def _host_metrics(pending: list) -> dict:
             "dice": float(np.mean([float(r["dice"]) for r in rows])), "learning_rate": float(rows[-1]["learning_rate"])}
 
 
-def _plot_validation(state, val_records, config, mesh, out_path: str) -> None:
-    """Overlays of the first few validation photos with their masks and the model's predictions.
+def _plot_validation(state, val_records, config, mesh, out_path: str) -> np.ndarray | None:
+    """Overlays of the first few validation photos with their masks and the model's predictions, drawn in
+    ``out_path``; the picture as (H, W, 3) RGB on process 0, None elsewhere.
 
     Every process predicts (the prediction runs on the whole mesh); process 0 draws."""
     import cv2
     records = val_records[: config.num_plot_images]
     if not records:
-        return
+        return None
     batch = next(iter(pipeline.eval_dataset(records, config, len(records), num_workers=0)))
     preds = predict.model_size_predictions(state.variables, state.apply_fn, batch["image"], mesh, config.threshold)
     if not parallel.is_main_process():
-        return
+        return None
     size = (config.image_size[1], config.image_size[0])
     truths = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in batch["mask_full"]]
     plots.plot_overlays(batch["image"], truths, preds, out_path, titles=[sources.example_name(r) for r in records])
+    return cv2.imread(out_path, cv2.IMREAD_COLOR)[..., ::-1]
 
 
 def data_checkpoint(stream_position: int) -> dict:
@@ -115,6 +112,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, stop_after: int | Non
 
 def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, progress: bool,
                         stops: stopping.StopSignals | None) -> dict:
+    profile = profiling.ProfileWindow(config.profile_steps, workdir)  # a bad window is refused before anything
     os.makedirs(workdir, exist_ok=True)
     metrics_path, plot_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "plots")
     train_records, val_records = sources.train_and_val(config)
@@ -153,54 +151,60 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, prog
     images_per_update = config.batch_size * accum
     bar = tqdm(total=total, initial=update, unit="step", desc="train",
                disable=not progress or not parallel.is_main_process())
+    writer = metric_writers.for_run(workdir, main_process=parallel.is_main_process(), tensorboard=config.tensorboard,
+                                    bar=bar, num_val_images=len(val_records))
+    writer.write_hparams(metric_writers.flat_hparams(config.to_dict()))
     last = {}
     window_time, window_update = time.perf_counter(), update  # images/s over the last log window
     try:
         while update < end:
+            profile.before_update(update)
             pending = []
-            for _ in range(accum):
-                batch, data_state = next(batches)
-                state, metrics = step_fn(state, batch)
-                if position is not None:
-                    position += config.batch_size
-                    data_state = data_checkpoint(position)
-                pending.append(metrics)
+            with memory.out_of_memory_explained(config, mesh.devices.size):
+                for _ in range(accum):
+                    batch, data_state = next(batches)
+                    state, metrics = step_fn(state, batch)
+                    if position is not None:
+                        position += config.batch_size
+                        data_state = data_checkpoint(position)
+                    pending.append(metrics)
             update += 1
+            profile.after_update(update, state)
             stop_now = stops is not None and stops.reached(update) and update < end  # at the end it simply ends
             due_log = update % config.log_every == 0 or update == end or stop_now
             due_eval = bool(val_records) and (update % config.eval_every == 0 or update == total)
             due_ckpt = update % config.checkpoint_every == 0 or update == end or stop_now
             if not (due_log or due_eval or due_ckpt):
                 continue
-            last = _host_metrics(pending)  # also the NaN guard before anything is saved
+            with memory.out_of_memory_explained(config, mesh.devices.size):
+                last = _host_metrics(pending)  # also the NaN guard before anything is saved
             now = time.perf_counter()
-            rate = (update - window_update) * images_per_update / (now - window_time)
-            last["images_per_sec"] = rate
+            last["images_per_sec"] = (update - window_update) * images_per_update / (now - window_time)
             if (peak := memory.peak_device_bytes(jax.local_devices()[0])) is not None:  # None on the CPU
                 last["peak_memory_gb"] = peak / 1e9
-            bar.set_postfix(loss=f"{last['loss']:.4f}", dice=f"{last['dice']:.4f}", img_s=f"{rate:.1f}")
-            bar.update(update - bar.n)
             ckpt_metrics = None
             if due_eval:
                 scores = predict.val_dice(state.variables, state.apply_fn, val_records, config, mesh)
                 last["val_dice"] = float(np.nanmean(scores))
                 ckpt_metrics = {"val_dice": last["val_dice"]}
-                if parallel.is_main_process():
-                    bar.write(f"update {update}: val Dice {last['val_dice']:.5f} at 1918x1280 "
-                              f"over {len(scores)} images")
-            _log(metrics_path, last)
+            writer.write_scalars(update, {k: v for k, v in last.items() if k != "step"})
             window_time, window_update = time.perf_counter(), update  # evaluation and saving are not training
             if due_ckpt or due_eval:
                 ckpt.save(update, state, data_state, config, ckpt_metrics)
             if due_eval:
                 if parallel.is_main_process():
                     plots.plot_curves(metrics_path, os.path.join(plot_dir, "curves.png"))
-                _plot_validation(state, val_records, config, mesh, os.path.join(plot_dir, "overlays.png"))
+                overlays = _plot_validation(state, val_records, config, mesh, os.path.join(plot_dir, "overlays.png"))
+                if overlays is not None:
+                    writer.write_images(update, {"val/overlays": overlays})
+                writer.flush()
             if stop_now:
                 last["stopped_by"] = stopping.signal_name(stops.received)
                 break
     finally:
+        profile.stop()
         bar.close()
+        writer.close()
         data_iter.close()  # stops grain's workers and frees their shared memory
         ckpt.close()  # after the save in flight
     if parallel.is_main_process() and os.path.exists(metrics_path):

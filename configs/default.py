@@ -5,7 +5,7 @@ Keys (all overridable as --config.KEY=VALUE; an unknown key is an error):
   num_train_steps (optimiser updates), val_fraction, val_cars, learning_rate, warmup_steps, optimizer,
   weight_decay, grad_clip_norm, checkpoint_every, eval_every, keep_checkpoints, log_every,
   num_workers, skip_bad_files, loss, loss_boundary_*, soft_masks, ema_decay, pseudo_*, tta, postprocess, fit,
-  threshold, num_plot_images, model.*, augment.*.
+  threshold, num_plot_images, tensorboard, profile_steps, model.*, augment.*.
 """
 import ml_collections
 
@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.prefetch_batches = 2            # batches placed on the devices ahead of the step using them
     c.skip_bad_files = False          # skip (and count) unreadable images instead of failing
     c.num_plot_images = 4             # validation images drawn in plots/overlays.png
+    c.tensorboard = True              # TensorBoard event files in WORKDIR/tensorboard (no TensorFlow needed)
+    c.profile_steps = ""              # 'START:STOP': a jax.profiler trace of updates START+1..STOP in WORKDIR/profile
     c.eval_batch_size = 8
 
     c.model = ml_collections.ConfigDict()
