@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from carvana_jax.bench import unet_flops
+from carvana_jax.bench.train import unet_flops
 from carvana_jax.models import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,14 +74,14 @@ def _flax_param_count(model_cfg, image_size=(32, 32)):
 def test_torch_unet_has_the_flax_parameter_count(overrides):
     pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0); "
                                         "only this parameter-count check is skipped")
-    from carvana_jax import bench_torch
+    from carvana_jax.bench import torch_twin as bench_torch
     cfg = _model_cfg(**overrides)
     assert bench_torch.param_count(bench_torch.from_config(cfg)) == _flax_param_count(cfg)
 
 
 def test_torch_train_step_runs_and_keeps_shapes():
     torch = pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
-    from carvana_jax import bench_torch
+    from carvana_jax.bench import torch_twin as bench_torch
     from configs import demo
     config = demo.get_config()
     config.model.features, config.model.depth = 4, 2
@@ -134,7 +134,7 @@ def test_train_benchmark_prints_json():
 
 
 def test_train_table_prints_memory_and_na_for_an_unreported_peak(capsys):
-    from carvana_jax.bench import print_train_table
+    from carvana_jax.bench.train import print_train_table
     result = {"config": "configs/demo.py", "batch_size": 8, "image_size": [32, 48],
               "model": {"block": "double_conv", "features": 4, "depth": 4, "dtype": "float32"},
               "device_count": 1, "device_kind": "cpu", "platform": "cpu", "param_count": 1000,

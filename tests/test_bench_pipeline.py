@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carvana_jax import bench_pipeline, rle
+from carvana_jax import rle
+from carvana_jax.bench import pipeline as bench_pipeline
 from carvana_jax.data import augment, kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from carvana_jax import bench_predict, optim, parallel, rle
+from carvana_jax import optim, parallel, rle
+from carvana_jax.bench import predict as bench_predict
 from carvana_jax.checkpoint import Checkpointer
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state

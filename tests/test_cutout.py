@@ -340,7 +340,7 @@ def test_command_watch_cuts_out_photos_as_they_arrive(workdir, test_photos, tmp_
 
 
 def test_cutout_benchmark_times_every_stage_on_the_same_photos(workdir, kaggle_dir):
-    from carvana_jax import bench_cutout
+    from carvana_jax.bench import cutout as bench_cutout
     r = bench_cutout.bench_cutout([workdir], os.path.join(kaggle_dir, "test"), n=4, batch_size=2, threads=2,
                                   clients=3, requests=4)
     assert r["photos"] == 4 and r["photo_sizes"] == [list(rle.FULL_SHAPE)] and r["image_sizes"] == [[32, 48]]

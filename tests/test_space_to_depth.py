@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from carvana_jax import losses, memory, optim, parallel, predict, steps
-from carvana_jax.bench import unet_flops
+from carvana_jax.bench.train import unet_flops
 from carvana_jax.config import ConfigError, validate_config
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
@@ -123,7 +123,7 @@ def test_the_memory_estimate_of_a_folded_unet_agrees_with_xla():
 
 def test_the_torch_twin_of_a_folded_unet_has_its_parameter_count_and_output_size():
     torch = pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
-    from carvana_jax import bench_torch
+    from carvana_jax.bench import torch_twin as bench_torch
     cfg = _model_cfg(features=4, depth=2, space_to_depth=2)
     twin = bench_torch.from_config(cfg)
     assert bench_torch.param_count(twin) == memory.param_count(cfg)

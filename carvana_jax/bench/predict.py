@@ -32,7 +32,7 @@ import numpy as np
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import parallel, rle, submission
-from carvana_jax.bench_pipeline import CpuMeter, cpu_name
+from carvana_jax.bench.pipeline import CpuMeter, cpu_name
 from carvana_jax.data import pipeline, sources
 
 SHAPE = rle.FULL_SHAPE

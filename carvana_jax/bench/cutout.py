@@ -28,7 +28,7 @@ import urllib.request
 
 from carvana_jax import cutout, cutter
 from carvana_jax import eval as eval_lib
-from carvana_jax.bench_predict import cpu_name
+from carvana_jax.bench.pipeline import cpu_name
 
 
 def _jobs(folder: str, n: int) -> list:
