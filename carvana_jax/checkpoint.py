@@ -22,25 +22,15 @@ from absl import logging as absl_logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from carvana_jax.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    UnreadableCheckpoint,
+)
+
 MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit
 MODEL_KEY_DEFAULTS = {"model.encoder": "unet", "model.widths": []}  # what a config saved before the key existed meant
 INIT_ONLY_KEYS = ("model.pretrained",)  # where a fresh run's first parameters came from, not what they are
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing or does not fit the model; the message says which and why."""
-
-
-class UnreadableCheckpoint(CheckpointError):
-    """A checkpoint whose files cannot be read back (truncated, corrupt, half-deleted)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"checkpoint {path} is unreadable ({reason})")
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (a full disk or quota, a read-only folder); the ones before it
-    are intact, and nothing of the failed one is left that looks like a checkpoint."""
 
 
 def write_failure_reason(error: BaseException) -> str:

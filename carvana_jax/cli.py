@@ -13,20 +13,14 @@ import sys
 
 from absl import app, flags, logging
 
-from carvana_jax import stopping
+from carvana_jax import errors, stopping
 
 FLAGS = flags.FLAGS
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions whose message tells a user what to fix (imported here: checkpoint.py imports jax)."""
-    from carvana_jax.checkpoint import CheckpointError
-    from carvana_jax.config import ConfigError
-    from carvana_jax.data.kaggle import DataError
-    from carvana_jax.distributed import DistributedError
-    from carvana_jax.memory import DeviceOutOfMemory
-    from carvana_jax.workdir_lock import WorkdirBusy
-    return DataError, CheckpointError, ConfigError, DistributedError, WorkdirBusy, DeviceOutOfMemory
+    """The exceptions whose message tells a user what to fix."""
+    return errors.USER_ERRORS
 
 
 def define_config_flags(default_config: str | None = "configs/demo.py") -> None:

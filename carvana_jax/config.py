@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 from carvana_jax import losses
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
+from carvana_jax.errors import ConfigError
 
 
 def validate_config(config) -> None:
@@ -60,7 +57,9 @@ def _validate_val_cars(config) -> None:
 
 
 def _validate_pseudo_labels(config) -> None:
-    from carvana_jax.data import pipeline  # grain and OpenCV: only when a config is checked
+    from carvana_jax.data import (
+        pipeline,  # grain and OpenCV: only when a config is checked
+    )
     path, fraction = config.get("pseudo_labels", ""), config.get("pseudo_fraction", 0.0)
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"pseudo_fraction must be in [0, 1), got {fraction}")

@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 from carvana_jax import cli, cutter, photos
 from carvana_jax import eval as eval_lib
-from carvana_jax.config import ConfigError
-from carvana_jax.data.kaggle import DataError
+from carvana_jax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
 STDIN = "-"

@@ -36,8 +36,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from carvana_jax import stopping
-from carvana_jax.config import ConfigError, validate_config
+from carvana_jax.config import validate_config
 from carvana_jax.data import kaggle
+from carvana_jax.errors import ConfigError
 
 FOLDS_FILE = "folds.json"
 FOLD_STATE = "cv_fold.json"  # in each fold's workdir: its held-out cars, training time and OOF scores

@@ -13,11 +13,9 @@ import os
 import socket
 import time
 
+from carvana_jax.errors import DistributedError
+
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
-
-
-class DistributedError(Exception):
-    """The processes of a run could not find each other; the message says what to check."""
 
 
 def _env_int(name: str) -> int | None:

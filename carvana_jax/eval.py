@@ -30,9 +30,9 @@ from absl import flags
 
 from carvana_jax import optim, parallel, plots, predict, rle, submission
 from carvana_jax import postprocess as postprocess_lib
-from carvana_jax.checkpoint import Checkpointer, CheckpointError, UnreadableCheckpoint, checkpoint_dir
-from carvana_jax.config import ConfigError
+from carvana_jax.checkpoint import Checkpointer, checkpoint_dir
 from carvana_jax.data import augment, kaggle, pipeline, sources
+from carvana_jax.errors import CheckpointError, ConfigError, UnreadableCheckpoint
 from carvana_jax.models import unet
 from carvana_jax.steps import parse_tta
 from carvana_jax.train_state import create_train_state

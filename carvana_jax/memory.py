@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
+from carvana_jax.errors import DeviceOutOfMemory
 from carvana_jax.models.unet import level_widths
 
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -194,9 +195,6 @@ def estimate(config, num_devices: int | None = None) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-
-class DeviceOutOfMemory(Exception):
-    """A training step did not fit in a device's memory; the message gives the estimate and what shrinks it."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:

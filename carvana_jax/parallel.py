@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from carvana_jax.config import ConfigError
+from carvana_jax.errors import ConfigError
 from carvana_jax.models.unet import AXIS
 
 

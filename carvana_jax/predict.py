@@ -29,7 +29,8 @@ from tqdm import tqdm
 from carvana_jax import parallel, refine, rle, steps
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
-from carvana_jax.data.kaggle import DataError, Record
+from carvana_jax.data.kaggle import Record
+from carvana_jax.errors import DataError
 
 IN_FLIGHT = 2  # device batches dispatched ahead of the one being brought back
 HOST_KEYS = ("mask_full",)  # batch arrays that stay on the host

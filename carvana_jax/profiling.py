@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from carvana_jax.config import ConfigError
+from carvana_jax.errors import ConfigError
 
 
 def parse_window(text: str) -> tuple[int, int] | None:

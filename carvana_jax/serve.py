@@ -194,7 +194,7 @@ async def _upload(request, limit: int) -> tuple[bytes, str]:
 def create_app(cut, batcher: Batcher, about: dict, max_upload_bytes: int):
     """The FastAPI app over a ``cutter.Cutter`` and the ``Batcher`` running it; ``about`` is /api/health's."""
     from carvana_jax import cutter
-    from carvana_jax.data.kaggle import DataError
+    from carvana_jax.errors import DataError
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -257,7 +257,7 @@ def describe(ensemble, loaded, batch_size: int, max_wait_ms: float) -> dict:
 
 def check_address(host: str, port: int) -> None:
     """ConfigError unless the server could listen at host:port (before minutes of loading and compiling)."""
-    from carvana_jax.config import ConfigError
+    from carvana_jax.errors import ConfigError
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as uvicorn binds

@@ -25,17 +25,25 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import (losses, memory, metric_writers, optim, parallel, plots, predict, profiling, steps, stopping,
-                         workdir_lock)
-from carvana_jax.checkpoint import Checkpointer, CheckpointError, model_mismatch
+from carvana_jax import (
+    losses,
+    memory,
+    metric_writers,
+    optim,
+    parallel,
+    plots,
+    predict,
+    profiling,
+    steps,
+    stopping,
+    workdir_lock,
+)
+from carvana_jax.checkpoint import Checkpointer, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
+from carvana_jax.errors import CheckpointError, NonFiniteLossError
 from carvana_jax.models import pretrained, unet
 from carvana_jax.train_state import create_train_state
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN or inf; the last good checkpoint is left as it was."""
 
 
 def _host_metrics(pending: list) -> dict:

@@ -11,11 +11,9 @@ import os
 import socket
 import time
 
+from carvana_jax.errors import WorkdirBusy
+
 LOCK_NAME = ".lock"
-
-
-class WorkdirBusy(Exception):
-    """Another live run holds the workdir."""
 
 
 def _holder(fd: int) -> str:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from carvana_jax.data import augment
-from carvana_jax.data.kaggle import DataError
+from carvana_jax.errors import DataError
 from configs import default
 
 FULL_HW = (1280, 1918)

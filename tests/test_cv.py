@@ -12,8 +12,9 @@ from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import cv, parallel, score, train
 from carvana_jax import eval as eval_lib
-from carvana_jax.config import ConfigError, validate_config
+from carvana_jax.config import validate_config
 from carvana_jax.data import kaggle
+from carvana_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,8 @@ import pytest
 
 from carvana_jax import cli, losses, memory, optim, parallel, steps
 from carvana_jax.checkpoint import model_mismatch
-from carvana_jax.config import ConfigError, validate_config
+from carvana_jax.config import validate_config
+from carvana_jax.errors import ConfigError
 from carvana_jax.models import encoders, pretrained, unet
 from carvana_jax.train_state import create_train_state
 from configs import default

@@ -13,9 +13,8 @@ from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import parallel, postprocess, predict, refine, rle, steps
-from carvana_jax.checkpoint import CheckpointError
-from carvana_jax.config import ConfigError
 from carvana_jax.data import augment, kaggle, pipeline
+from carvana_jax.errors import CheckpointError, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

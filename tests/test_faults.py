@@ -17,7 +17,7 @@ from helpers import assert_nothing_left, shared_model
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import train, workdir_lock
-from carvana_jax.checkpoint import CheckpointError, CheckpointWriteError
+from carvana_jax.errors import CheckpointError, CheckpointWriteError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = ("import sys, time; from carvana_jax import workdir_lock\n"

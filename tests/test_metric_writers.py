@@ -14,7 +14,7 @@ from helpers import shared_model
 from tensorboardX.proto import event_pb2
 
 from carvana_jax import memory, metric_writers, profiling, train
-from carvana_jax.config import ConfigError
+from carvana_jax.errors import ConfigError
 
 
 def read_events(logdir) -> list:

@@ -3,10 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from carvana_jax.config import ConfigError, validate_config
+from carvana_jax.config import validate_config
+from carvana_jax.errors import ConfigError
 from carvana_jax.models import unet
 from configs import unet768
-
 
 # Dense blocks of 2 layers (the default is 4): each layer already sees every earlier one through the concatenation,
 # and every extra conv costs a second or two of XLA compiling its random initialiser on the CPU.

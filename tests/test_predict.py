@@ -222,7 +222,7 @@ def test_a_submission_that_fails_validation_is_not_left_looking_complete(members
 
 
 def test_eval_refuses_to_run_in_several_processes(monkeypatch, tmp_path):
-    from carvana_jax.config import ConfigError
+    from carvana_jax.errors import ConfigError
     monkeypatch.setattr(parallel, "process_count", lambda: 2)
     with pytest.raises(ConfigError, match="one process"):
         eval_lib.evaluate(str(tmp_path), split="test", out=str(tmp_path / "sub.csv"))

@@ -7,8 +7,9 @@ import pytest
 from helpers import small_config, take
 
 from carvana_jax import rle, train
-from carvana_jax.config import ConfigError, validate_config
+from carvana_jax.config import validate_config
 from carvana_jax.data import augment, kaggle, pipeline, sources
+from carvana_jax.errors import ConfigError
 
 FULL = rle.FULL_SHAPE
 ALL_CAR = f"1 {FULL[0] * FULL[1]}"  # a mask no real photo has: every pixel is car

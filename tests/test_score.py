@@ -283,7 +283,7 @@ def test_data_folder_without_csv_reads_its_gifs(kaggle_dir, tmp_path):
 
 
 def test_bad_truth_is_a_data_error(tmp_path):
-    from carvana_jax.data.kaggle import DataError
+    from carvana_jax.errors import DataError
     with pytest.raises(DataError, match="nope"):
         score.read_truth(str(tmp_path / "nope"))
     with pytest.raises(DataError, match="b.jpg: odd number"):

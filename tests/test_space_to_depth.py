@@ -10,7 +10,8 @@ import pytest
 
 from carvana_jax import losses, memory, optim, parallel, predict, steps
 from carvana_jax.bench.train import unet_flops
-from carvana_jax.config import ConfigError, validate_config
+from carvana_jax.config import validate_config
+from carvana_jax.errors import ConfigError
 from carvana_jax.models import unet
 from carvana_jax.train_state import create_train_state
 

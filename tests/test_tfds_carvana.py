@@ -17,7 +17,7 @@ from PIL import Image
 
 from carvana_jax import rle
 from carvana_jax.data import kaggle, prepare, tfds_carvana
-from carvana_jax.data.kaggle import DataError
+from carvana_jax.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,8 @@ from helpers import shared_model
 
 from carvana_jax import eval as eval_lib
 from carvana_jax import parallel, train
-from carvana_jax.checkpoint import Checkpointer, CheckpointError
+from carvana_jax.checkpoint import Checkpointer
+from carvana_jax.errors import CheckpointError
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 counted from the U-Net's shapes, and optionally the same U-Net in PyTorch eager side by side (torch_twin.py)."""
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from collections.abc import Callable

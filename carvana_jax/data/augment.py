@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from carvana_jax import rle
-from carvana_jax.data.kaggle import DataError
+from carvana_jax.errors import DataError
 
 cv2.setNumThreads(1)  # grain parallelises over images; OpenCV threads would fight it for cores
 

@@ -16,14 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from carvana_jax.errors import DataError
+
 GET_DATA = (
     "get it with `kaggle competitions download -c carvana-image-masking-challenge -p DIR` "
     "or make synthetic data with `python -m carvana_jax.data.synthetic --out DIR --cars 24`"
 )
-
-
-class DataError(Exception):
-    """Bad or missing input data; the message names the file and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

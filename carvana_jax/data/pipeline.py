@@ -37,7 +37,8 @@ import grain
 import numpy as np
 
 from carvana_jax.data import augment
-from carvana_jax.data.kaggle import DataError, Record
+from carvana_jax.data.kaggle import Record
+from carvana_jax.errors import DataError
 
 # An element of a source: a folder Record (file paths), or a TFDS example {'name', 'car_id', 'angle',
 # 'image': JPEG bytes, 'mask': GIF bytes (b'' in test), 'mask_rle': its RLE ('' in test)}.
@@ -289,7 +290,9 @@ def mix_pseudo_labels(ds: grain.MapDataset, config, pseudo=None) -> grain.MapDat
     if not config.get("pseudo_labels", ""):
         return ds
     if pseudo is None:
-        from carvana_jax.data import sources  # sources reads the CSV (and imports the scorer)
+        from carvana_jax.data import (
+            sources,  # sources reads the CSV (and imports the scorer)
+        )
         pseudo = sources.pseudo_labelled(config)
     seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])  # not the real stream's order
     stream = grain.MapDataset.source(pseudo).shuffle(seed=seed).repeat()

@@ -51,7 +51,7 @@ from PIL import Image, UnidentifiedImageError
 
 from carvana_jax import rle
 from carvana_jax.data import kaggle
-from carvana_jax.data.kaggle import DataError
+from carvana_jax.errors import DataError
 
 NAME = "carvana"
 DATASET_VERSION = "1.0.0"

@@ -18,17 +18,13 @@ import tempfile
 
 import numpy as np
 
-from carvana_jax.checkpoint import CheckpointError
+from carvana_jax.errors import PretrainedError
 from carvana_jax.models.encoders import RESNET34_LAYERS, STEM_FEATURES, VGG11_STAGES
 
 ARCHS = ("vgg11", "resnet34")
 TORCH_INSTALL = "pip install torch==2.13.0 (or pip install -e '.[torch]')"
 _BN = (("weight", "params", "scale"), ("bias", "params", "bias"),
        ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))
-
-
-class PretrainedError(CheckpointError):
-    """A model.pretrained file that is missing, unreadable or of another architecture; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------- layouts
