@@ -79,10 +79,10 @@ def _validate_pseudo_labels(config) -> None:
 
 def _validate_prediction(config) -> None:
     """fit (and, for 'pad', image_size against the 1918×1280 photo), tta and postprocess."""
-    from carvana_jax import postprocess, rle, steps
+    from carvana_jax import inference, postprocess, rle
     from carvana_jax.data import augment
     checks = ((augment.check_fit, (rle.FULL_SHAPE, tuple(config.image_size), config.get("fit", "resize"))),
-              (steps.parse_tta, (config.get("tta", "none"),)),
+              (inference.parse_tta, (config.get("tta", "none"),)),
               (postprocess.parse, (config.get("postprocess", "none"),)))
     for check, args in checks:
         try:

@@ -1,5 +1,5 @@
 """Cut-outs of any photo with a trained ensemble: the mask (and the probability as a soft alpha) at the photo's
-own size, made on the devices by the program eval makes masks with (``steps.ensemble_cutouts``), and the
+own size, made on the devices by the program eval makes masks with (``inference.ensemble_cutouts``), and the
 RGBA picture composed from it.
 
 Photos are prepared one by one (``Cutter.prepare``: decoded and warped to each model's input as
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from carvana_jax import parallel, photos, refine, steps
+from carvana_jax import inference, parallel, photos, refine
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 
@@ -94,7 +94,7 @@ class Cutter:
         kw = dict(self.ensemble.device_kw)
         key_fit = dict(zip(self._image_keys, fits))
         kw["fits"] = tuple(key_fit[key] for key in kw["image_keys"])
-        fn = functools.partial(steps.ensemble_cutouts, threshold=self.ensemble.threshold,
+        fn = functools.partial(inference.ensemble_cutouts, threshold=self.ensemble.threshold,
                                guide_scale=guide_scale, shape=tuple(full_hw), **kw)
         return parallel.data_parallel_map(fn, self.ensemble.mesh)
 

@@ -33,8 +33,8 @@ from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.checkpoint import Checkpointer, checkpoint_dir
 from carvana_jax.data import augment, kaggle, pipeline, sources
 from carvana_jax.errors import CheckpointError, ConfigError, UnreadableCheckpoint
+from carvana_jax.inference import parse_tta
 from carvana_jax.models import unet
-from carvana_jax.steps import parse_tta
 from carvana_jax.train_state import create_train_state
 
 

@@ -3,7 +3,7 @@
 An ``Ensemble`` is one or more models, each with its own input size and fit. Every photo is decoded once
 per JPEG DCT scale its models need (one decode when they share a scale, as 768² and 1024² do) and warped
 to each model's size exactly as a single model's pipeline would; on the devices each model predicts
-at its size (averaged over the TTA views there: ``steps.predict_probs``), its probabilities are
+at its size (averaged over the TTA views there: ``inference.predict_probs``), its probabilities are
 up-sampled to 1918×1280 (or cropped, for fit='pad'), averaged over models and thresholded; with the
 'guided' post-processing step they are averaged at the size of the photo's finest decode, refined there by
 the photo (``carvana_jax.refine``) and then up-sampled. ``packed_masks`` keeps batches in flight on the
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import parallel, refine, rle, steps
+from carvana_jax import inference, parallel, refine, rle
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 from carvana_jax.data.kaggle import Record
@@ -102,7 +102,7 @@ class LoadAtSizes(grain.transforms.MapWithIndex):
 class Ensemble:
     """Models whose full-resolution probabilities are averaged, then thresholded, on all devices.
 
-    ``tta``: a TTA spec (``steps.parse_tta``: 'none', 'hflip', 'hflip,shift,scale', …; ``hflip_tta=True`` is
+    ``tta``: a TTA spec (``inference.parse_tta``: 'none', 'hflip', 'hflip,shift,scale', …; ``hflip_tta=True`` is
     the older spelling of 'hflip'), the same for every model. ``postprocess``: a ``carvana_jax.postprocess``
     spec: 'guided' runs on the devices, the other steps on the host on every mask before it is scored or
     written, in ``postprocess_threads`` threads (default: up to 8); 'none' leaves the masks as the devices
@@ -116,7 +116,7 @@ class Ensemble:
             augment.check_fit(rle.FULL_SHAPE, m.image_size, m.fit)
         self.members, self.mesh = list(members), mesh
         self.threshold = float(threshold)
-        self.tta = steps.parse_tta(("hflip",) if tta is None and hflip_tta else tta)
+        self.tta = inference.parse_tta(("hflip",) if tta is None and hflip_tta else tta)
         self.hflip_tta = "hflip" in self.tta
         self.postprocess = postprocess_lib.parse(postprocess)
         self.host_steps = postprocess_lib.host_steps(self.postprocess)
@@ -131,7 +131,7 @@ class Ensemble:
         # 'guided': the guide is the photo at the finest decode scale any model's input is warped from.
         self.guide_scale = refine.guide_scale(rle.FULL_SHAPE, self.sizes) if "guided" in self.postprocess else 0
         self.guide_hw = refine.guide_shape(rle.FULL_SHAPE, self.guide_scale) if self.guide_scale else None
-        # The device programs' static arguments (steps.ensemble_probs).
+        # The device programs' static arguments (inference.ensemble_probs).
         self.device_kw = {"apply_fns": tuple(m.apply_fn for m in members), "tta": self.tta,
                           "image_keys": tuple(keys[self.inputs.index((tuple(m.image_size), m.fit))] for m in members),
                           "multiples": tuple(int(m.multiple) for m in members), "fits": tuple(m.fit for m in members)}
@@ -148,14 +148,14 @@ class Ensemble:
     def masks_fn(self) -> Callable:
         """(variables, device batch) → uint8 masks (B, 1280, 1918)."""
         return parallel.data_parallel_map(
-            functools.partial(steps.ensemble_masks, threshold=self.threshold, guide_scale=self.guide_scale,
+            functools.partial(inference.ensemble_masks, threshold=self.threshold, guide_scale=self.guide_scale,
                               **self.device_kw), self.mesh)
 
     @functools.cached_property
     def pack_fn(self) -> Callable:
         """Device masks → bit-packed masks (B, 306880), as sharded as the masks (a program of its own:
-        steps.pack_masks says why)."""
-        return jax.jit(steps.pack_masks)
+        inference.pack_masks says why)."""
+        return jax.jit(inference.pack_masks)
 
     def packed_fn(self, variables, batch):
         """(variables, device batch) → bit-packed masks (B, 306880); both programs dispatched asynchronously."""
@@ -308,6 +308,6 @@ def predict_masks(variables, apply_fn, records: list[Record], config, mesh, *, h
 
 def model_size_predictions(variables, apply_fn, images: np.ndarray, mesh, threshold: float) -> np.ndarray:
     """Binary masks at model size for a few images (for pictures)."""
-    fn = parallel.data_parallel_map(lambda v, x: steps.predict_probs(v, x, apply_fn) > threshold, mesh)
+    fn = parallel.data_parallel_map(lambda v, x: inference.predict_probs(v, x, apply_fn) > threshold, mesh)
     padded, n = parallel.pad_to_multiple({"image": images}, mesh.devices.size)
     return parallel.to_host(fn(variables, parallel.shard_batch(padded, mesh)["image"]))[:n]

@@ -7,7 +7,6 @@ import time
 from carvana_jax.data import kaggle
 from configs import demo
 
-
 FEW_ANGLES = 4  # photos per car in conftest's kaggle_dir_few
 
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, postprocess, predict, refine, rle, steps
+from carvana_jax import inference, parallel, postprocess, predict, refine, rle
 from carvana_jax.data import augment, kaggle, pipeline
 from carvana_jax.errors import CheckpointError, ConfigError
 
@@ -96,7 +96,7 @@ def test_ensemble_of_two_input_sizes_with_hflip_runs_end_to_end_and_equals_the_m
     for path in (workdir, workdir_b):  # each model's own full-resolution probabilities, computed on its own
         own_config, variables, apply_fn, _ = eval_lib.load_checkpoint(path)
         fn = parallel.data_parallel_map(
-            lambda v, x, f=apply_fn: steps.upsample(steps.predict_probs(v, x, f, hflip_tta=True)), mesh)
+            lambda v, x, f=apply_fn: inference.upsample(inference.predict_probs(v, x, f, hflip_tta=True)), mesh)
         batch = next(iter(pipeline.eval_dataset(records, own_config, 4, 0)))["image"]
         padded, n = parallel.pad_to_multiple({"image": batch}, mesh.devices.size)
         probs.append(parallel.to_host(fn(variables, parallel.shard_batch(padded, mesh)["image"]))[:n])
@@ -153,12 +153,12 @@ def test_guided_val_dice_is_the_dice_of_the_refined_probabilities(workdir, kaggl
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
     k = refine.guide_scale(rle.FULL_SHAPE, [tuple(config.image_size)])
     load = pipeline.LoadForEval(config.image_size, guide_hw=refine.guide_shape(rle.FULL_SHAPE, k))
-    predict_probs = jax.jit(lambda v, x: steps.predict_probs(v, x, apply_fn))
+    predict_probs = jax.jit(lambda v, x: inference.predict_probs(v, x, apply_fn))
     expected = {}
     for i, record in enumerate(val_records):
         item = load.map_with_index(i, record)
-        probs = steps.upsample(predict_probs(variables, item["image"][None]), item["guide"].shape[:2])
-        mask = np.asarray(steps.upsample(refine.refined(probs, item["guide"][None], k)) > 0.5)[0]
+        probs = inference.upsample(predict_probs(variables, item["image"][None]), item["guide"].shape[:2])
+        mask = np.asarray(inference.upsample(refine.refined(probs, item["guide"][None], k)) > 0.5)[0]
         expected[f"{record.name}.jpg"] = _dice(mask, augment.decode_mask(record.mask_path))
     per_image = _per_image(tmp_path / "ev")
     assert list(per_image) == list(expected)

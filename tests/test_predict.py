@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, predict, rle, score, steps, submission
+from carvana_jax import inference, parallel, predict, rle, score, submission
 from carvana_jax.data import kaggle, pipeline
 from carvana_jax.models import unet
 
@@ -63,7 +63,7 @@ def threshold(members, config, test_records):
 def test_pack_masks_on_the_device_round_trips():
     rng = np.random.default_rng(0)
     masks = (rng.random((2, *rle.FULL_SHAPE)) < 0.3).astype(np.uint8)
-    packed = np.asarray(jax.jit(steps.pack_masks)(masks))
+    packed = np.asarray(jax.jit(inference.pack_masks)(masks))
     assert packed.shape == (2, 1280 * 1918 // 8) and packed.dtype == np.uint8
     np.testing.assert_array_equal(packed, np.packbits(masks.reshape(2, -1), axis=1))
     np.testing.assert_array_equal(np.unpackbits(packed, axis=1).reshape(masks.shape), masks)
@@ -73,11 +73,11 @@ def test_pack_masks_on_the_device_round_trips():
 @pytest.mark.parametrize("size", [(64, 96), (5, 7), (1280, 1918)])
 def test_upsample_is_jax_image_resize_bilinear(size):
     probs = np.random.default_rng(1).random((2, *size), dtype=np.float32)
-    ours = np.asarray(jax.jit(steps.upsample)(probs))
+    ours = np.asarray(jax.jit(inference.upsample)(probs))
     theirs = np.asarray(jax.image.resize(probs, (2, *rle.FULL_SHAPE), method="bilinear"))
     np.testing.assert_allclose(ours, theirs, atol=3e-5)
     shrink = np.random.default_rng(2).random((1, 1280, 1920), dtype=np.float32)  # configs/fullres.py's width
-    np.testing.assert_array_equal(steps.upsample(shrink), jax.image.resize(shrink, (1, *rle.FULL_SHAPE), "bilinear"))
+    np.testing.assert_array_equal(inference.upsample(shrink), jax.image.resize(shrink, (1, *rle.FULL_SHAPE), "bilinear"))
 
 
 def test_dice_of_packed_masks_is_the_competition_dice():
@@ -101,7 +101,7 @@ def test_load_at_sizes_equals_each_sizes_own_eval_pipeline(test_records):
 
 def _own_probs(member, records, config):
     """One model's full-resolution probabilities from its own single-size pipeline, on one device."""
-    fn = jax.jit(lambda v, x: steps.upsample(steps.predict_probs(v, x, member.apply_fn)))
+    fn = jax.jit(lambda v, x: inference.upsample(inference.predict_probs(v, x, member.apply_fn)))
     variables = jax.device_get(member.variables)
     size_config = config.copy_and_resolve_references()
     size_config.image_size = member.image_size
@@ -135,7 +135,7 @@ def test_fast_submission_equals_the_simple_paths_masks(members, config, test_rec
         rows = [line.rstrip("\n").split(",") for line in f]
     assert rows[0] == ["img", "rle_mask"]
     assert [r[0] for r in rows[1:]] == kaggle.read_submission_order(kaggle_dir)
-    fn = parallel.data_parallel_map(functools.partial(steps.full_res_masks, apply_fn=members[0].apply_fn,
+    fn = parallel.data_parallel_map(functools.partial(inference.full_res_masks, apply_fn=members[0].apply_fn,
                                                       threshold=threshold), mesh)
     batches = pipeline.eval_dataset(test_records, config, 4, 0)
     direct = np.concatenate([parallel.to_host(fn(members[0].variables, parallel.shard_batch(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from carvana_jax import parallel, predict, rle, steps
+from carvana_jax import inference, parallel, predict, rle
 from carvana_jax.data import augment, kaggle, pipeline
 from carvana_jax.models import unet
 from configs import default
@@ -51,18 +51,18 @@ def _np_shift(x, dy, dx):
 
 
 def test_tta_specs():
-    assert steps.parse_tta("none") == () and steps.parse_tta(None) == ()
-    assert steps.parse_tta("scale, hflip") == ("hflip", "scale")
-    assert steps.tta_name("shift,hflip") == "hflip,shift" and steps.tta_name("none") == "none"
-    assert len(steps.tta_views("hflip,shift,scale")) == 5  # plus the plain view: 6 forward passes
-    assert len(steps.tta_views("phase")) == 1 and len(steps.tta_views("hflip,phase")) == 3  # both phases mirrored
+    assert inference.parse_tta("none") == () and inference.parse_tta(None) == ()
+    assert inference.parse_tta("scale, hflip") == ("hflip", "scale")
+    assert inference.tta_name("shift,hflip") == "hflip,shift" and inference.tta_name("none") == "none"
+    assert len(inference.tta_views("hflip,shift,scale")) == 5  # plus the plain view: 6 forward passes
+    assert len(inference.tta_views("phase")) == 1 and len(inference.tta_views("hflip,phase")) == 3  # both phases mirrored
     with pytest.raises(ValueError, match="'vflip'"):
-        steps.parse_tta("hflip,vflip")
+        inference.parse_tta("hflip,vflip")
 
 
 def test_shift_moves_content_and_repeats_the_edges():
     x = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
-    got = np.asarray(steps.shift(x, 2, -3))
+    got = np.asarray(inference.shift(x, 2, -3))
     np.testing.assert_array_equal(got[:, 2:, :4], x[:, :3, 3:])
     np.testing.assert_array_equal(got[:, 0], got[:, 2])        # rows above the moved content: its first row
     np.testing.assert_array_equal(got[:, :, 6], got[:, :, 3])  # columns right of it: its last column
@@ -73,12 +73,12 @@ def test_hflip_tta_equals_the_old_mean_with_the_mirrored_prediction(model, image
     apply_fn, variables = model
     x = images.astype(np.float32) / 255
     old = (_probs(apply_fn, variables, x) + _probs(apply_fn, variables, x[:, :, ::-1])[:, :, ::-1]) / 2
-    new = np.asarray(jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, tta="hflip"))(variables, images))
-    compat = np.asarray(jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, hflip_tta=True))(
+    new = np.asarray(jax.jit(functools.partial(inference.predict_probs, apply_fn=apply_fn, tta="hflip"))(variables, images))
+    compat = np.asarray(jax.jit(functools.partial(inference.predict_probs, apply_fn=apply_fn, hflip_tta=True))(
         variables, images))
     np.testing.assert_allclose(new, old, atol=1e-6)
     np.testing.assert_array_equal(new, compat)
-    plain = np.asarray(jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn))(variables, images))
+    plain = np.asarray(jax.jit(functools.partial(inference.predict_probs, apply_fn=apply_fn))(variables, images))
     assert np.abs(plain - new).max() > 1e-3  # the view changes something
 
 
@@ -87,19 +87,19 @@ def test_tta_is_the_mean_of_each_views_own_prediction(model, images):
     x = images.astype(np.float32) / 255
     views = [_probs(apply_fn, variables, x),
              _probs(apply_fn, variables, x[:, :, ::-1])[:, :, ::-1]]
-    k = steps.SHIFT_PX
+    k = inference.SHIFT_PX
     for d in (k, -k):
         views.append(_np_shift(_probs(apply_fn, variables, _np_shift(x, d, d)), -d, -d))
     # 64x96 at input multiple 8: 0.9x -> 57.6x86.4 -> 56x88, 1.1x -> 70.4x105.6 -> 72x104.
-    assert steps.SCALES == (0.9, 1.1)
+    assert inference.SCALES == (0.9, 1.1)
     for size in ((56, 88), (72, 104)):
         z = np.asarray(jax.image.resize(x, (2, *size, 3), "bilinear"))
         views.append(np.asarray(jax.image.resize(_probs(apply_fn, variables, z), (2, *SIZE), "bilinear")))
-    fn = jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, tta="hflip,shift,scale", multiple=8))
+    fn = jax.jit(functools.partial(inference.predict_probs, apply_fn=apply_fn, tta="hflip,shift,scale", multiple=8))
     got = np.asarray(fn(variables, images))
     np.testing.assert_allclose(got, np.mean(views, axis=0), atol=2e-6)
     for names, chosen in (("shift", [0, 2, 3]), ("scale", [0, 4, 5])):
-        fn = jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, tta=names, multiple=8))
+        fn = jax.jit(functools.partial(inference.predict_probs, apply_fn=apply_fn, tta=names, multiple=8))
         np.testing.assert_allclose(np.asarray(fn(variables, images)), np.mean([views[i] for i in chosen], axis=0),
                                    atol=2e-6)
 
@@ -107,14 +107,14 @@ def test_tta_is_the_mean_of_each_views_own_prediction(model, images):
 def test_phase_tta_is_the_mean_of_both_phases_in_both_orientations(model, images):
     apply_fn, variables = model
     x = images.astype(np.float32) / 255
-    d = steps.PHASE_PX
+    d = inference.PHASE_PX
     flip = (lambda z: z[:, :, ::-1])
     plain = _probs(apply_fn, variables, x)
     mirrored = flip(_probs(apply_fn, variables, flip(x)))
     moved = _np_shift(_probs(apply_fn, variables, _np_shift(x, d, d)), -d, -d)
     moved_mirrored = flip(_np_shift(_probs(apply_fn, variables, _np_shift(flip(x), d, d)), -d, -d))
     for spec, chosen in (("phase", [plain, moved]), ("hflip,phase", [plain, mirrored, moved, moved_mirrored])):
-        got = np.asarray(jax.jit(functools.partial(steps.predict_probs, apply_fn=apply_fn, tta=spec))(variables, images))
+        got = np.asarray(jax.jit(functools.partial(inference.predict_probs, apply_fn=apply_fn, tta=spec))(variables, images))
         np.testing.assert_allclose(got, np.mean(chosen, axis=0), atol=2e-6)
     assert np.abs(moved - plain).max() > 1e-3  # the moved view is another prediction
 
@@ -126,7 +126,7 @@ def test_ensemble_with_tta_thresholds_the_upsampled_tta_mean(model, kaggle_dir):
     config.update(data_dir=kaggle_dir, image_size=SIZE, num_workers=0)
     records = kaggle.index_test(kaggle_dir)[:4]
     batch = next(iter(pipeline.eval_dataset(records, config, 4, 0)))["image"]
-    probs = np.asarray(jax.jit(lambda v, z: steps.upsample(steps.predict_probs(
+    probs = np.asarray(jax.jit(lambda v, z: inference.upsample(inference.predict_probs(
         v, z, apply_fn, tta="shift,scale", multiple=8)))(variables, batch))
     threshold = float(np.median(probs))
     ensemble = predict.Ensemble([predict.Member(parallel.replicate(variables, mesh), apply_fn, SIZE, multiple=8)],
@@ -193,8 +193,8 @@ def test_mask_pad_crop_round_trip_is_exact(kaggle_dir):
     _, _, mask = _train_photo(kaggle_dir, 5)
     padded = augment.warp_mask(mask, augment.fit_matrix(FULL, PADDED, "pad"), PADDED, border=augment.PAD_BORDER)
     assert padded.shape == PADDED
-    np.testing.assert_array_equal(np.asarray(steps.crop(padded[None])), mask[None])
-    np.testing.assert_array_equal(np.asarray(steps.to_full(padded[None].astype(np.float32), "pad")), mask[None])
+    np.testing.assert_array_equal(np.asarray(inference.crop(padded[None])), mask[None])
+    np.testing.assert_array_equal(np.asarray(inference.to_full(padded[None].astype(np.float32), "pad")), mask[None])
 
 
 def _conv_model():
@@ -220,7 +220,7 @@ def test_padded_model_predictions_are_its_own_probabilities_cropped(kaggle_dir):
     config = default.get_config()
     config.update(data_dir=kaggle_dir, image_size=PADDED, fit="pad", num_workers=0)
     batch = next(iter(pipeline.eval_dataset(records, config, 2, 0)))
-    probs = np.asarray(jax.jit(functools.partial(steps.ensemble_probs, apply_fns=(apply_fn,), image_keys=("image",),
+    probs = np.asarray(jax.jit(functools.partial(inference.ensemble_probs, apply_fns=(apply_fn,), image_keys=("image",),
                                                  fits=("pad",)))((variables,), batch))
     np.testing.assert_allclose(probs, own, atol=1e-6)
     mesh = parallel.make_mesh()

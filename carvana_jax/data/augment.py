@@ -124,7 +124,7 @@ def dct_matrix(src_hw: tuple[int, int], full_hw: tuple[int, int]) -> np.ndarray:
 # How the photo is brought to the model's size (config key ``fit``): 'resize' stretches it onto image_size;
 # 'pad' puts it unscaled in the middle of an image_size at most the photo's size rounded up to a multiple of
 # PAD_MULTIPLE (1280×1918 → 1280×1920: one column each side), the rim filled by PAD_BORDER, and the
-# prediction is cropped back (steps.crop) with no interpolation anywhere.
+# prediction is cropped back (inference.crop) with no interpolation anywhere.
 FITS = ("resize", "pad")
 PAD_MULTIPLE = 64
 # cv2.BORDER_REFLECT is np.pad(mode='symmetric'): the rim mirrors the photo's edge, edge pixel included (for a
