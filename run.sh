@@ -41,7 +41,7 @@ train_and_evaluate() {
   fi
   "$PY" -m carvana_jax.eval --ckpt "$workdir" --split test --out "$workdir/submission.csv"
   echo "plots:      $workdir/plots/"
-  echo "metrics:    $workdir/metrics.jsonl"
+  echo "metrics:    $workdir/metrics.jsonl (and TensorBoard: tensorboard --logdir $workdir)"
   echo "submission: $workdir/submission.csv"
 }
 
