@@ -22,11 +22,7 @@ from absl import logging as absl_logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from carvana_jax.errors import (
-    CheckpointError,
-    CheckpointWriteError,
-    UnreadableCheckpoint,
-)
+from carvana_jax.errors import CheckpointError, CheckpointWriteError, UnreadableCheckpoint
 
 MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit
 MODEL_KEY_DEFAULTS = {"model.encoder": "unet", "model.widths": []}  # what a config saved before the key existed meant

@@ -57,9 +57,7 @@ def _validate_val_cars(config) -> None:
 
 
 def _validate_pseudo_labels(config) -> None:
-    from carvana_jax.data import (
-        pipeline,  # grain and OpenCV: only when a config is checked
-    )
+    from carvana_jax.data import pipeline  # grain and OpenCV: only when a config is checked
     path, fraction = config.get("pseudo_labels", ""), config.get("pseudo_fraction", 0.0)
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"pseudo_fraction must be in [0, 1), got {fraction}")

@@ -25,19 +25,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import (
-    losses,
-    memory,
-    metric_writers,
-    optim,
-    parallel,
-    plots,
-    predict,
-    profiling,
-    steps,
-    stopping,
-    workdir_lock,
-)
+from carvana_jax import (losses, memory, metric_writers, optim, parallel, plots, predict, profiling, steps, stopping,
+                         workdir_lock)
 from carvana_jax.checkpoint import Checkpointer, model_mismatch
 from carvana_jax.config import validate_config
 from carvana_jax.data import pipeline, sources
