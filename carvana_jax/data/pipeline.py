@@ -290,9 +290,7 @@ def mix_pseudo_labels(ds: grain.MapDataset, config, pseudo=None) -> grain.MapDat
     if not config.get("pseudo_labels", ""):
         return ds
     if pseudo is None:
-        from carvana_jax.data import (
-            sources,  # sources reads the CSV (and imports the scorer)
-        )
+        from carvana_jax.data import sources  # sources reads the CSV (and imports the scorer)
         pseudo = sources.pseudo_labelled(config)
     seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])  # not the real stream's order
     stream = grain.MapDataset.source(pseudo).shuffle(seed=seed).repeat()
