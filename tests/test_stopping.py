@@ -58,10 +58,10 @@ def test_stop_signals_are_taken_inside_the_block_and_given_back_after():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def _stop_at_random_update(cmd, workdir, signum, *, group=False, seed=None):
-    """Start ``cmd`` in its own session, send ``signum`` once it has logged a random number of updates; its
-    (result, the update it was stopped after, the number of logged updates when signalled)."""
-    rows = random.Random(seed).randint(3, 60)
+def _stop_at_random_update(cmd, workdir, signum, *, group=False):
+    """Start ``cmd`` in its own session, send ``signum`` (to its whole process group if ``group``, as Ctrl-C
+    does) once it has logged a random number of updates; (exit status, stdout, stderr, updates logged then)."""
+    rows = random.randint(3, 60)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
