@@ -6,6 +6,8 @@ validation Dice.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import json
 import os
@@ -98,6 +100,26 @@ def quiet_background_save_errors() -> None:
     absl_logging.get_absl_logger().addFilter(_drop_orbax_errors)
 
 
+@contextlib.contextmanager
+def _abandoned_reads_dropped():
+    """A restore that fails on one damaged array abandons orbax's reads of the others; each is reported as an
+    unraisable "Exception ignored in <coroutine ...>" traceback when collected. The one failure is raised (and
+    told in one line) anyway, so those reports are dropped: collected here, while the filter is on."""
+    previous = sys.unraisablehook
+
+    def on_unraisable(args):
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if not any(_from_orbax(f.filename) for f in frames):
+            previous(args)
+
+    sys.unraisablehook = on_unraisable
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
         preserve = policies.AnyPreservationPolicy([
@@ -172,7 +194,8 @@ class Checkpointer:
         if with_data and os.path.isdir(os.path.join(self.directory, str(step), "data")):
             items["data"] = ocp.args.JsonRestore()
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            with _abandoned_reads_dropped():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit this model: {e}".splitlines()[0]) from e
         except Exception as e:  # the shapes fitted, so the arrays' files are damaged

@@ -95,14 +95,17 @@ def test_a_second_train_in_a_live_runs_workdir_refuses_and_a_killed_run_leaves_i
     assert "trained:" in third.stdout
 
 
-def _truncate_largest_array_file(workdir, step: int) -> str:
-    """Cut the largest file of checkpoint ``step``'s arrays to half, as a full disk or a failing one leaves it."""
+def _truncate_array_files(workdir, step: int) -> None:
+    """Cut every array data file of checkpoint ``step`` to half, as a full disk or a failing one leaves them. (Not
+    only the largest: OCDBT keeps files whose records the merged index no longer points at, and cutting one of
+    those alone leaves a checkpoint that still restores.)"""
     folder = os.path.join(workdir, "checkpoints", str(step), "state")
-    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.truncate(os.path.getsize(largest) // 2)
-    return largest
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+             if os.path.basename(d) == "d" and "ocdbt.process_" in d]
+    assert files, f"no array data files under {folder}"
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
 
 
 def _four_updates(tiny_config, kaggle_dir_few):
@@ -118,7 +121,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     config = _four_updates(tiny_config, kaggle_dir_few)
     workdir = str(tmp_path / "w")
     whole = train.train_and_evaluate(config, workdir, progress=False)
-    _truncate_largest_array_file(workdir, 4)
+    _truncate_array_files(workdir, 4)
     capsys.readouterr()
     resumed = train.train_and_evaluate(config, workdir, progress=False)  # updates 3 and 4 again, from update 2
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -133,7 +136,7 @@ def test_eval_reads_the_next_best_checkpoint_of_a_workdir_and_refuses_a_damaged_
     config = _four_updates(tiny_config, kaggle_dir_few)
     workdir = str(tmp_path / "w")
     train.train_and_evaluate(config, workdir, progress=False)  # 4 is the best (the only one validated)
-    _truncate_largest_array_file(workdir, 4)
+    _truncate_array_files(workdir, 4)
     with pytest.raises(CheckpointError, match=r"checkpoints/4 is unreadable"):
         eval_lib.load_checkpoint(workdir, step=4)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))  # a named step is refused, not moved
@@ -148,7 +151,7 @@ def test_the_train_command_resumes_past_a_damaged_checkpoint_without_a_traceback
                   "--config.num_workers=0")
     first = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr
-    _truncate_largest_array_file(str(workdir), 4)
+    _truncate_array_files(str(workdir), 4)
     again = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr
     assert "Traceback" not in again.stderr and "Event loop is closed" not in again.stderr, again.stderr
