@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable
 
 from carvana_jax.errors import DeviceOutOfMemory
-from carvana_jax.models.unet import level_widths
+from carvana_jax.models import unet
 
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 STATE_BYTES = 4            # parameters, gradients and optimiser state stay float32 whatever model.dtype is
@@ -72,74 +72,40 @@ def human_bytes(n: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- parameters
 
-def _block_convs(model_cfg, cin: int, cout: int) -> list[tuple[int, int, int, bool]]:
-    """(kernel size, cin, cout, followed by BatchNorm) of every convolution in a block."""
-    normed = model_cfg.norm == "batch"
-    if model_cfg.block == "dense":
-        growth, convs = max(cout // 2, 4), []
-        for _ in range(model_cfg.dense_layers):
-            convs.append((3, cin, growth, normed))
-            cin += growth
-        return convs + [(1, cin, cout, False)]
-    return [(3, cin, cout, normed), (3, cout, cout, normed)]
-
-
-def _head(model_cfg) -> tuple[int, int, int, bool]:
-    """The head: a 1×1 conv to one logit, or with space_to_depth s a 3×3 conv over the last block and the s×s
-    patches to s·s logits."""
-    s = model_cfg.get("space_to_depth", 1)
-    return (1, model_cfg.features, 1, False) if s == 1 else (3, model_cfg.features + 3 * s * s, s * s, False)
-
-
-def _convs(model_cfg) -> list[tuple[int, int, int, bool]]:
-    """Every convolution of models/unet.UNet, the head included."""
-    convs = [conv for _, _, cin, cout in _blocks(model_cfg) for conv in _block_convs(model_cfg, cin, cout)]
-    return convs + [_head(model_cfg)]
+def _convs(model_cfg) -> list[unet.ConvSpec]:
+    """Every convolution of the U-Net, the head included."""
+    model = unet.plain_unet(model_cfg)
+    return [conv for block in model.block_specs() for conv in block.convs] + [model.head_spec()]
 
 
 def param_count(model_cfg) -> int:
     """Trainable parameters: kernels, and per output channel either BatchNorm's scale and bias or the conv's bias."""
-    return sum(k * k * cin * cout + (2 * cout if normed else cout) for k, cin, cout, normed in _convs(model_cfg))
+    return sum(c.kernel ** 2 * c.cin * c.cout + (2 if c.normed else 1) * c.cout for c in _convs(model_cfg))
 
 
 def batch_stats_count(model_cfg) -> int:
     """BatchNorm's running mean and variance: two numbers per normalised channel."""
-    return sum(2 * cout for _, _, cout, normed in _convs(model_cfg) if normed)
-
-
-def _widths(model_cfg) -> list[int]:
-    return level_widths(model_cfg.features, model_cfg.depth, model_cfg.get("widths", ()))
-
-
-def _blocks(model_cfg) -> list[tuple[str, int, int, int]]:
-    """(kind, level, cin, cout) of every block in forward order; kind is 'down', 'centre' or 'up'."""
-    widths, depth = _widths(model_cfg), model_cfg.depth
-    patch_channels = 3 * model_cfg.get("space_to_depth", 1) ** 2
-    down = [("down", level, cin, widths[level]) for level, cin in enumerate([patch_channels] + widths[:depth - 1])]
-    centre = [("centre", depth, widths[depth - 1], widths[depth])]
-    up = [("up", level, widths[level + 1] + widths[level], widths[level]) for level in reversed(range(depth))]
-    return down + centre + up
+    return sum(2 * c.cout for c in _convs(model_cfg) if c.normed)
 
 
 # ---------------------------------------------------------------------------------------------- activations
 
-def _conv_layer_kept(model_cfg, cout: int) -> list[int]:
-    """Channels of the tensors a conv → norm → ReLU keeps: the conv's output (BatchNorm's backward needs its input)
-    and the ReLU's output (the next convolution's input and the ReLU's own mask); without norm only the latter."""
-    return [cout, cout] if model_cfg.norm == "batch" else [cout]
+def _kept(convs) -> list[int]:
+    """Channels of every tensor a block of ``convs`` keeps for the backward pass (its input not included); the last
+    is its output. A conv → norm → ReLU keeps the conv's output (BatchNorm's backward needs its input) and the
+    ReLU's output (the next convolution's input and the ReLU's own mask); without norm only the latter. A dense
+    block (its convolutions' inputs grow) also keeps each concatenation, the input of its next convolution."""
+    kept = []
+    for conv, following in zip(convs, convs[1:] + (None,)):
+        kept += [conv.cout, conv.cout] if conv.normed else [conv.cout]
+        if following is not None and following.cin != conv.cout:
+            kept.append(following.cin)
+    return kept
 
 
 def block_kept(model_cfg, cin: int, cout: int) -> list[int]:
-    """Channels of every tensor a block keeps for the backward pass (its input not included); the last is its output.
-    A dense block also keeps each concatenation, the input of its next convolution."""
-    if model_cfg.block == "dense":
-        growth, kept = max(cout // 2, 4), []
-        for _ in range(model_cfg.dense_layers):
-            kept += _conv_layer_kept(model_cfg, growth)
-            cin += growth
-            kept.append(cin)
-        return kept + [cout]  # the 1×1 conv's ReLU output
-    return _conv_layer_kept(model_cfg, cout) * 2
+    """Channels of every tensor a block from ``cin`` to ``cout`` channels keeps for the backward pass."""
+    return _kept(unet.block_convs(model_cfg.block, model_cfg.norm, model_cfg.dense_layers, cin, cout))
 
 
 def activation_bytes_per_image(model_cfg, image_size) -> int:
@@ -150,24 +116,25 @@ def activation_bytes_per_image(model_cfg, image_size) -> int:
     and output are kept, plus one block's worth of recomputed tensors (the largest), rebuilt while its gradient is
     taken."""
     h, w = image_size
-    s = model_cfg.get("space_to_depth", 1)
+    model = unet.plain_unet(model_cfg)
+    s = model.space_to_depth
     dtype = COMPUTE_BYTES[model_cfg.dtype]
     pixels = [(h // s >> level) * (w // s >> level) for level in range(model_cfg.depth + 1)]
     kept = 3 * h * w  # the image (or its patches) in the compute dtype: the first convolution's input
     if s > 1:  # the head's input: the last block ++ the patches
-        kept += (model_cfg.features + 3 * s * s) * pixels[0]
+        kept += model.head_spec().cin * pixels[0]
     largest_block = 0
-    for kind, level, cin, cout in _blocks(model_cfg):
-        inside = sum(block_kept(model_cfg, cin, cout)) * pixels[level]
+    for block in model.block_specs():
+        inside = sum(_kept(block.convs)) * pixels[block.level]
         largest_block = max(largest_block, inside)
-        kept += cout * pixels[level] if model_cfg.remat else inside
-        if kind == "up":  # its input, the up-sampled map ++ the skip
-            kept += cin * pixels[level]
-    for level in range(model_cfg.depth):  # the max-pooled maps, the next down block's input
-        kept += _widths(model_cfg)[level] * pixels[level + 1]
+        kept += block.cout * pixels[block.level] if model_cfg.remat else inside
+        if block.kind == "up":  # its input, the up-sampled map ++ the skip
+            kept += block.cin * pixels[block.level]
+        if block.kind == "down":  # the max-pooled map, the next block's input
+            kept += block.cout * pixels[block.level + 1]
     if model_cfg.remat:
         kept += largest_block
-    in_flight = BACKWARD_WORKING_TENSORS * model_cfg.features * pixels[0]
+    in_flight = BACKWARD_WORKING_TENSORS * model.level_widths()[0] * pixels[0]
     return (kept + in_flight) * dtype + LOSS_MAPS * h * w * STATE_BYTES
 
 

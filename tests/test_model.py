@@ -162,3 +162,26 @@ def test_saved_widths_match_the_live_config_and_a_config_saved_before_them_means
     del old.model["widths"]
     assert model_mismatch(old, demo.get_config()) == []
     assert any(m.startswith(f"model.widths: [] vs {list(live.model.widths)}") for m in model_mismatch(old, live))
+
+
+@pytest.mark.parametrize("kwargs", [dict(features=4, depth=2), dict(features=4, depth=2, block="dense"),
+                                    dict(features=4, depth=2, space_to_depth=2, widths=(4, 12, 16)),
+                                    dict(features=4, depth=2, norm="none")])
+def test_the_block_specs_are_the_parameter_tree(kwargs):
+    """The specs the memory estimate, the FLOP count and the torch twin read are exactly the kernels built."""
+    kwargs = {"dense_layers": DENSE_LAYERS, **kwargs}
+    model = unet.UNet(**kwargs)
+    params = _init(model, (32, 32))["params"]
+    specs = model.block_specs()
+    assert [b.name for b in specs] == ["down0", "down1", "centre", "up1", "up0"]
+    assert set(params) == {b.name for b in specs} | {"head"}
+    for block in specs:
+        kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params[block.name])
+                   if path[-1].key == "kernel"]
+        expected = [(c.kernel, c.kernel, c.cin, c.cout) for c in block.convs]  # the tree's order is by name
+        assert sorted(kernels) == sorted(expected), block.name
+        biases = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params[block.name])
+                     if path[-1].key == "bias" and path[-2].key.startswith("Conv"))
+        assert biases == sum(c.cout for c in block.convs if not c.normed), block.name
+    head = model.head_spec()
+    assert params["head"]["kernel"].shape == (head.kernel, head.kernel, head.cin, head.cout)

@@ -1,8 +1,9 @@
 """The U-Net of models/unet.py in PyTorch (eager, NCHW float32), for side-by-side CPU timings.
 
 Only ``python -m carvana_jax.bench train --torch`` uses it; torch is an optional dependency
-(``pip install torch==2.13.0``, the CPU wheel, or the project's ``bench`` extra). The network has the same
-layers, widths and parameter count as the Flax one for the same ``config.model``: DoubleConv =
+(``pip install torch==2.13.0``, the CPU wheel, or the project's ``bench`` extra). The network is built from the
+Flax U-Net's own block specs (``UNet.block_specs``, ``UNet.head_spec``), so it has the same layers, widths and
+parameter count for the same ``config.model``: DoubleConv =
 (3×3 conv without bias → BatchNorm → ReLU) × 2 (or the dense block), 2×2 max-pool down, nearest ×2
 up-sampling, the skip concatenated after the up-sampled features, and a 1×1 head with bias (with
 ``space_to_depth`` s: pixel_unshuffle in, a 3×3 head over the last block and the patches, pixel_shuffle out —
@@ -18,68 +19,48 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from carvana_jax.models.unet import level_widths
+from carvana_jax.models import unet
 
 SMOOTH = 1.0  # as carvana_jax.losses
 
 
 class ConvNormReLU(nn.Module):
-    def __init__(self, cin: int, cout: int, norm: str):
+    def __init__(self, conv):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=norm != "batch")
-        self.norm = nn.BatchNorm2d(cout, eps=1e-5, momentum=0.1) if norm == "batch" else nn.Identity()
+        self.conv = nn.Conv2d(conv.cin, conv.cout, conv.kernel, padding=conv.kernel // 2, bias=not conv.normed)
+        self.norm = nn.BatchNorm2d(conv.cout, eps=1e-5, momentum=0.1) if conv.normed else nn.Identity()
 
     def forward(self, x):
         return F.relu(self.norm(self.conv(x)))
 
 
-class DoubleConv(nn.Module):
-    def __init__(self, cin: int, cout: int, norm: str):
+class Block(nn.Module):
+    """A block of convolutions (``unet.BlockSpec.convs``): in sequence (DoubleConv), or, when a convolution's
+    input is wider than the one before it gave, each layer's output concatenated to its input (DenseBlock)."""
+
+    def __init__(self, spec):
         super().__init__()
-        self.a, self.b = ConvNormReLU(cin, cout, norm), ConvNormReLU(cout, cout, norm)
+        self.layers = nn.ModuleList(ConvNormReLU(conv) for conv in spec.convs)
+        self.dense = any(later.cin != earlier.cout for earlier, later in zip(spec.convs, spec.convs[1:]))
 
     def forward(self, x):
-        return self.b(self.a(x))
-
-
-class DenseBlock(nn.Module):
-    """As models/unet.DenseBlock: each layer sees all earlier ones; a 1×1 conv (with bias) brings it to cout."""
-
-    def __init__(self, cin: int, cout: int, norm: str, layers: int):
-        super().__init__()
-        growth = max(cout // 2, 4)
-        self.layers = nn.ModuleList(ConvNormReLU(cin + i * growth, growth, norm) for i in range(layers))
-        self.out = nn.Conv2d(cin + layers * growth, cout, 1)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.cat([x, layer(x)], dim=1)
-        return F.relu(self.out(x))
+        for layer in self.layers[:-1]:
+            x = torch.cat([x, layer(x)], dim=1) if self.dense else layer(x)
+        return self.layers[-1](x)
 
 
 class UNet(nn.Module):
-    """(B, 3, H, W) images in [0, 1] → (B, H, W) logits."""
+    """(B, 3, H, W) images in [0, 1] → (B, H, W) logits: the blocks and head the Flax U-Net describes."""
 
-    def __init__(self, features: int = 32, depth: int = 4, norm: str = "batch", block: str = "double_conv",
-                 dense_layers: int = 4, space_to_depth: int = 1, widths=()):
+    def __init__(self, flax_unet):
         super().__init__()
-        self.s = s = space_to_depth
-        if norm not in ("batch", "none"):
-            raise ValueError(f"model.norm must be 'batch' or 'none', got {norm!r}")
-        if block not in ("double_conv", "dense"):
-            raise ValueError(f"model.block must be 'double_conv' or 'dense', got {block!r}")
-
-        def make(cin, cout):
-            return DoubleConv(cin, cout, norm) if block == "double_conv" else DenseBlock(cin, cout, norm, dense_layers)
-
-        widths = level_widths(features, depth, widths)
-        patch = 3 * s * s
-        self.down = nn.ModuleList(make(patch if level == 0 else widths[level - 1], widths[level])
-                                  for level in range(depth))
-        self.centre = make(widths[depth - 1] if depth else 3, widths[depth])
-        # up[level] sees the up-sampled output of the level below (width widths[level+1]) and the skip
-        self.up = nn.ModuleList(make(widths[level + 1] + widths[level], widths[level]) for level in range(depth))
-        self.head = nn.Conv2d(widths[0], 1, 1) if s == 1 else nn.Conv2d(widths[0] + patch, s * s, 3, padding=1)
+        self.s = flax_unet.space_to_depth
+        blocks = flax_unet.block_specs()
+        self.down = nn.ModuleList(Block(b) for b in blocks if b.kind == "down")
+        self.centre = Block(next(b for b in blocks if b.kind == "centre"))
+        self.up = nn.ModuleList(Block(b) for b in sorted((b for b in blocks if b.kind == "up"), key=lambda b: b.level))
+        head = flax_unet.head_spec()
+        self.head = nn.Conv2d(head.cin, head.cout, head.kernel, padding=head.kernel // 2)
 
     def forward(self, x):
         if self.s > 1:
@@ -99,9 +80,7 @@ class UNet(nn.Module):
 
 
 def from_config(model_cfg) -> UNet:
-    return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
-                dense_layers=model_cfg.dense_layers, space_to_depth=model_cfg.get("space_to_depth", 1),
-                widths=tuple(model_cfg.get("widths", ())))
+    return UNet(unet.plain_unet(model_cfg))
 
 
 def param_count(model: nn.Module) -> int:

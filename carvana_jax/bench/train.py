@@ -8,47 +8,28 @@ from collections.abc import Callable
 
 from absl import flags
 
-from carvana_jax.models.unet import level_widths
+from carvana_jax.models import unet
 
 FLAGS = flags.FLAGS
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def _conv_flops(k: int, cin: int, cout: int, h: int, w: int) -> int:
-    """Multiply-adds × 2 of a stride-1 'SAME' k×k convolution (bias and padding ignored)."""
-    return 2 * k * k * cin * cout * h * w
-
-
-def _block_flops(model_cfg, cin: int, cout: int, h: int, w: int) -> int:
-    if model_cfg.block == "double_conv":
-        return _conv_flops(3, cin, cout, h, w) + _conv_flops(3, cout, cout, h, w)
-    if model_cfg.block == "dense":
-        growth, flops = max(cout // 2, 4), 0
-        for _ in range(model_cfg.dense_layers):
-            flops += _conv_flops(3, cin, growth, h, w)
-            cin += growth
-        return flops + _conv_flops(1, cin, cout, h, w)
-    raise ValueError(f"model.block must be 'double_conv' or 'dense', got {model_cfg.block!r}")
+def _conv_flops(conv, pixels: int) -> int:
+    """Multiply-adds × 2 of a stride-1 'SAME' convolution over ``pixels`` output pixels (bias and padding ignored)."""
+    return 2 * conv.kernel ** 2 * conv.cin * conv.cout * pixels
 
 
 def unet_flops(model_cfg, image_size) -> int:
-    """Forward FLOPs of one image through models/unet.UNet, counted from its shapes: 2·k·k·Cin·Cout·H·W for
-    every convolution (the head and the dense blocks' 1×1 convs included); pooling, norms, activations,
-    up-sampling and the space-to-depth reshapes are left out (a few percent)."""
-    s = model_cfg.get("space_to_depth", 1)
+    """Forward FLOPs of one image through models/unet.UNet, counted from the blocks it describes
+    (``UNet.block_specs``, ``UNet.head_spec``): 2·k·k·Cin·Cout·H·W for every convolution (the head and the dense
+    blocks' 1×1 convs included); pooling, norms, activations, up-sampling and the space-to-depth reshapes are left
+    out (a few percent)."""
+    model = unet.plain_unet(model_cfg)
+    s = model.space_to_depth
     h, w = image_size[0] // s, image_size[1] // s  # where the blocks run
-    depth = model_cfg.depth
-    widths = level_widths(model_cfg.features, depth, model_cfg.get("widths", ()))
-    flops, cin = 0, 3 * s * s
-    for level in range(depth):
-        flops += _block_flops(model_cfg, cin, widths[level], h >> level, w >> level)
-        cin = widths[level]
-    flops += _block_flops(model_cfg, cin, widths[depth], h >> depth, w >> depth)
-    for level in reversed(range(depth)):
-        flops += _block_flops(model_cfg, widths[level + 1] + widths[level], widths[level], h >> level, w >> level)
-    if s == 1:
-        return flops + _conv_flops(1, widths[0], 1, h, w)
-    return flops + _conv_flops(3, widths[0] + 3 * s * s, s * s, h, w)
+    flops = sum(_conv_flops(conv, (h >> block.level) * (w >> block.level))
+                for block in model.block_specs() for conv in block.convs)
+    return flops + _conv_flops(model.head_spec(), h * w)
 
 
 # ---------------------------------------------------------------------------------------------- train

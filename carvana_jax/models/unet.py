@@ -10,6 +10,7 @@ the parameter tree is the same either way, so a checkpoint fits both.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,6 +18,45 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """One convolution: a ``kernel``×``kernel`` map from ``cin`` to ``cout`` channels; ``normed``: followed by
+    BatchNorm (and so without a bias of its own)."""
+    kernel: int
+    cin: int
+    cout: int
+    normed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One block of the U-Net: its parameter name, the level it runs at (0 is the input's size, or the folded
+    patches' with space_to_depth), its channels in and out, and its convolutions in order."""
+    name: str
+    kind: str  # 'down', 'centre' or 'up'
+    level: int
+    cin: int
+    cout: int
+    convs: tuple[ConvSpec, ...]
+
+
+def dense_growth(features: int) -> int:
+    """Channels each layer of a dense block adds."""
+    return max(features // 2, 4)
+
+
+def block_convs(block: str, norm: str, dense_layers: int, cin: int, cout: int) -> tuple[ConvSpec, ...]:
+    """The convolutions of one block of kind ``block`` (what DoubleConv and DenseBlock build)."""
+    normed = norm == "batch"
+    if block == "double_conv":
+        return ConvSpec(3, cin, cout, normed), ConvSpec(3, cout, cout, normed)
+    if block == "dense":
+        growth = dense_growth(cout)
+        layers = tuple(ConvSpec(3, cin + i * growth, growth, normed) for i in range(dense_layers))
+        return layers + (ConvSpec(1, cin + dense_layers * growth, cout, False),)
+    raise ValueError(f"model.block must be 'double_conv' or 'dense', got {block!r}")
 
 
 def _norm(kind: str, train: bool, dtype):
@@ -63,7 +103,7 @@ class DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        growth = max(self.features // 2, 4)
+        growth = dense_growth(self.features)
         for _ in range(self.layers):
             x = jnp.concatenate([x, ConvNormReLU(growth, self.norm, self.dtype)(x, train)], axis=-1)
         return nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype)(x))
@@ -130,8 +170,30 @@ class UNet(nn.Module):
     space_to_depth: int = 1
     widths: tuple[int, ...] = ()
 
-    def _block(self, features: int, name: str) -> nn.Module:
-        return make_block(self, features, name)
+    # The network's one description: __call__ builds these blocks and head, and the memory estimate
+    # (carvana_jax/memory.py), the FLOP count and the torch twin (carvana_jax/bench/) read them.
+    def level_widths(self) -> list[int]:
+        return level_widths(self.features, self.depth, self.widths)
+
+    def block_specs(self) -> list[BlockSpec]:
+        """Every block in forward order: down0 … down{depth-1}, centre, up{depth-1} … up0."""
+        widths, depth = self.level_widths(), self.depth
+        ins = [self.patch_channels()] + widths[:depth]  # each down block's input; the centre's is the last
+        kinds = ([("down", level, ins[level]) for level in range(depth)] + [("centre", depth, ins[depth])]
+                 + [("up", level, widths[level + 1] + widths[level]) for level in reversed(range(depth))])
+        return [BlockSpec("centre" if kind == "centre" else f"{kind}{level}", kind, level, cin, widths[level],
+                          block_convs(self.block, self.norm, self.dense_layers, cin, widths[level]))
+                for kind, level, cin in kinds]
+
+    def patch_channels(self) -> int:
+        """Channels of the first block's input: the RGB photo, or its s×s patches folded into channels."""
+        return 3 * self.space_to_depth ** 2
+
+    def head_spec(self) -> ConvSpec:
+        """A 1×1 conv to one logit, or with space_to_depth s a 3×3 conv over the last block and the patches
+        to the s·s logits of each patch."""
+        s, width = self.space_to_depth, self.level_widths()[0]
+        return ConvSpec(1, width, 1, False) if s == 1 else ConvSpec(3, width + self.patch_channels(), s * s, False)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -139,22 +201,29 @@ class UNet(nn.Module):
         s = self.space_to_depth
         if s > 1:
             x = patches = space_to_depth(x, s)
-        widths = level_widths(self.features, self.depth, self.widths)
         skips = []
-        for level in range(self.depth):
-            x = self._block(widths[level], f"down{level}")(x, train)
-            skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = self._block(widths[self.depth], "centre")(x, train)
-        for level in reversed(range(self.depth)):
-            x = jnp.concatenate([_upsample2x(x), skips[level]], axis=-1)
-            x = self._block(widths[level], f"up{level}")(x, train)
+        for spec in self.block_specs():
+            if spec.kind == "up":
+                x = jnp.concatenate([_upsample2x(x), skips.pop()], axis=-1)
+            x = make_block(self, spec.cout, spec.name)(x, train)
+            if spec.kind == "down":
+                skips.append(x)
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        head = self.head_spec()
         if s == 1:
-            logits = nn.Conv(1, (1, 1), dtype=jnp.float32, name="head")(x)
+            logits = nn.Conv(head.cout, (1, 1), dtype=jnp.float32, name="head")(x)
         else:  # the sub-pixel head sees its neighbours and the photo's own patches, not only the coarse features
             x = jnp.concatenate([x, patches], axis=-1)
-            logits = depth_to_space(nn.Conv(s * s, (3, 3), dtype=jnp.float32, name="head")(x), s)
+            logits = depth_to_space(nn.Conv(head.cout, (3, 3), dtype=jnp.float32, name="head")(x), s)
         return logits[..., 0].astype(jnp.float32)
+
+
+def plain_unet(model_cfg, dtype=jnp.float32) -> UNet:
+    """This file's U-Net for ``config.model``, whatever its ``encoder`` says (the memory estimate and the FLOP
+    count read its block specs)."""
+    return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
+                dense_layers=model_cfg.dense_layers, dtype=dtype, remat=model_cfg.remat,
+                space_to_depth=int(model_cfg.get("space_to_depth", 1)), widths=tuple(model_cfg.get("widths", ())))
 
 
 def from_config(model_cfg) -> nn.Module:
@@ -166,6 +235,4 @@ def from_config(model_cfg) -> nn.Module:
     if model_cfg.get("encoder", "unet") != "unet":
         from carvana_jax.models import encoders
         return encoders.from_config(model_cfg, dtypes[model_cfg.dtype])
-    return UNet(features=model_cfg.features, depth=model_cfg.depth, norm=model_cfg.norm, block=model_cfg.block,
-                dense_layers=model_cfg.dense_layers, dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat,
-                space_to_depth=int(model_cfg.get("space_to_depth", 1)), widths=tuple(model_cfg.get("widths", ())))
+    return plain_unet(model_cfg, dtypes[model_cfg.dtype])
