@@ -57,7 +57,7 @@ case "${1:-}" in
   "")
     data=data/synthetic
     if [[ ! -f "$data/sample_submission.csv" ]]; then
-      "$PY" -m carvana_jax.data.synthetic --out "$data" --cars 24 --test_cars 4
+      "$PY" -m carvana_jax.synthetic --out "$data" --cars 24 --test_cars 4
     fi
     train_and_evaluate configs/demo.py --config.data_dir="$data"
     demo_workdir="${WORKDIR:-workdirs/demo}"

@@ -24,7 +24,10 @@ from absl import logging as absl_logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from carvana_jax import optim, parallel
 from carvana_jax.errors import CheckpointError, CheckpointWriteError, UnreadableCheckpoint
+from carvana_jax.models import unet
+from carvana_jax.train_state import create_train_state
 
 MODEL_KEYS = ("image_size", "model")  # what must match for a checkpoint's parameters to fit
 MODEL_KEY_DEFAULTS = {"model.encoder": "unet", "model.widths": []}  # what a config saved before the key existed meant
@@ -267,3 +270,58 @@ def model_mismatch(saved, current) -> list[str]:
         return {**MODEL_KEY_DEFAULTS, **{k: v for k, v in out.items() if k not in INIT_ONLY_KEYS}}
     a, b = flat(saved), flat(current)
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------- loading a model
+
+def step_path(path: str, step: int | None) -> tuple[str, int | None]:
+    """(workdir or checkpoints folder, step) of a --ckpt that may name one step folder."""
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit() and step is None:
+        return os.path.dirname(path), int(os.path.basename(path))
+    return path, step
+
+
+def ckpt_workdir(path: str) -> str:
+    """The training workdir a --ckpt belongs to (where eval's outputs go by default)."""
+    return os.path.dirname(checkpoint_dir(step_path(path, None)[0]))
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A stored config on top of today's defaults, so a checkpoint saved before a key existed still loads."""
+    from configs import default
+    merged = default.get_config()
+    merged.update(config.to_dict())
+    return merged
+
+
+def load_checkpoint(path: str, step: int | None = None, mesh=None):
+    """(config, variables, apply_fn, step) of a checkpoint; step defaults to the best, else the latest."""
+    path, step = step_path(path, step)
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"--ckpt {path}: no such folder")
+    ckpt = Checkpointer(directory, read_only=True)
+    mesh = mesh or parallel.make_mesh()
+    try:
+        while True:  # an unreadable best checkpoint of a workdir is set aside and the next best read instead
+            chosen = step if step is not None else ckpt.best_step()
+            if chosen is None or chosen not in ckpt.manager.all_steps():
+                raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if chosen is None else f' at step {chosen}'} "
+                                      "there (expected a training workdir or its checkpoints/ folder)")
+            config = with_defaults(ckpt.load_config(chosen))
+            model = unet.from_config(config.model)
+            target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config),
+                                        tuple(config.image_size), ema=config.ema_decay > 0)
+            try:
+                state, _ = ckpt.restore(chosen, parallel.replicate(target, mesh), with_data=False)
+                break
+            except UnreadableCheckpoint as e:
+                if step is not None:  # the user named this one: refuse it rather than score another
+                    raise
+                aside = ckpt.set_aside(chosen)
+                print(f"warning: {e}; set aside as {os.path.basename(aside)}, reading the next best",
+                      file=sys.stderr)
+    finally:
+        ckpt.close()
+    return config, state.variables, model.apply, chosen

@@ -31,8 +31,7 @@ from collections.abc import Iterable, Iterator
 from absl import flags
 from tqdm import tqdm
 
-from carvana_jax import cli, cutter, photos
-from carvana_jax import eval as eval_lib
+from carvana_jax import cli, cutter, photos, predict
 from carvana_jax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -284,7 +283,7 @@ def cutout(inputs: list[str]) -> int:
         raise ConfigError("--out OUTDIR is required (unless the input is '-')")
     if FLAGS.watch and stdin:
         raise ConfigError("--watch watches folders, not standard input")
-    _, ensemble, _ = eval_lib.load_ensemble(FLAGS.ckpt, FLAGS.step, None, FLAGS.threshold, FLAGS.tta,
+    _, ensemble, _ = predict.load_ensemble(FLAGS.ckpt, FLAGS.step, None, FLAGS.threshold, FLAGS.tta,
                                             FLAGS.postprocess)
     cut = cutter.Cutter(ensemble, FLAGS.batch_size)
     if stdin:

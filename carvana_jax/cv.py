@@ -226,10 +226,10 @@ def score_fold(config, workdir: str, names: Sequence[str], mesh, progress: bool 
     """Dice at 1918×1280 of every held-out photo of a fold (``names``, as ``train_and_val`` orders its
     validation examples) by the fold's best checkpoint, through eval's ensemble with the config's tta,
     threshold and postprocess: {'step', 'tta', 'threshold', 'postprocess', 'images', 'dice', 'seconds'}."""
-    from carvana_jax import eval as eval_lib
+    from carvana_jax import predict
     from carvana_jax.data import sources
     start = time.perf_counter()
-    _, ensemble, loaded = eval_lib.load_ensemble([workdir], mesh=mesh, **prediction_options(config))
+    _, ensemble, loaded = predict.load_ensemble([workdir], mesh=mesh, **prediction_options(config))
     records = sources.train_and_val(config)[1]
     if len(records) != len(names):
         raise kaggle.DataError(f"{workdir}: {len(records)} held-out photos, expected {len(names)}")

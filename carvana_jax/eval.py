@@ -20,22 +20,14 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from collections.abc import Sequence
 
-import jax
-import ml_collections
 import numpy as np
 from absl import flags
 
-from carvana_jax import optim, parallel, plots, predict, rle, submission
-from carvana_jax import postprocess as postprocess_lib
-from carvana_jax.checkpoint import Checkpointer, checkpoint_dir
+from carvana_jax import checkpoint, parallel, plots, predict, rle, submission
 from carvana_jax.data import augment, kaggle, pipeline, sources
-from carvana_jax.errors import CheckpointError, ConfigError, UnreadableCheckpoint
-from carvana_jax.inference import parse_tta
-from carvana_jax.models import unet
-from carvana_jax.train_state import create_train_state
+from carvana_jax.errors import ConfigError
 
 
 def define_flags() -> None:
@@ -72,97 +64,6 @@ FLAGS = flags.FLAGS
 
 WORST = 12  # photos drawn in worst.png
 PLOT_HW = (320, 480)  # size the photos are drawn at (a 1/4 JPEG decode)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def _step_path(path: str, step: int | None) -> tuple[str, int | None]:
-    """(workdir or checkpoints folder, step) of a --ckpt that may name one step folder."""
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit() and step is None:
-        return os.path.dirname(path), int(os.path.basename(path))
-    return path, step
-
-
-def ckpt_workdir(path: str) -> str:
-    """The training workdir a --ckpt belongs to (where eval's outputs go by default)."""
-    return os.path.dirname(checkpoint_dir(_step_path(path, None)[0]))
-
-
-def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A stored config on top of today's defaults, so a checkpoint saved before a key existed still loads."""
-    from configs import default
-    merged = default.get_config()
-    merged.update(config.to_dict())
-    return merged
-
-
-def load_checkpoint(path: str, step: int | None = None, mesh=None):
-    """(config, variables, apply_fn, step) of a checkpoint; step defaults to the best, else the latest."""
-    path, step = _step_path(path, step)
-    directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"--ckpt {path}: no such folder")
-    ckpt = Checkpointer(directory, read_only=True)
-    mesh = mesh or parallel.make_mesh()
-    try:
-        while True:  # an unreadable best checkpoint of a workdir is set aside and the next best read instead
-            chosen = step if step is not None else ckpt.best_step()
-            if chosen is None or chosen not in ckpt.manager.all_steps():
-                raise CheckpointError(f"--ckpt {path}: no checkpoint{'' if chosen is None else f' at step {chosen}'} "
-                                      "there (expected a training workdir or its checkpoints/ folder)")
-            config = _with_defaults(ckpt.load_config(chosen))
-            model = unet.from_config(config.model)
-            target = create_train_state(jax.random.PRNGKey(0), model, optim.create_optimizer(config),
-                                        tuple(config.image_size), ema=config.ema_decay > 0)
-            try:
-                state, _ = ckpt.restore(chosen, parallel.replicate(target, mesh), with_data=False)
-                break
-            except UnreadableCheckpoint as e:
-                if step is not None:  # the user named this one: refuse it rather than score another
-                    raise
-                aside = ckpt.set_aside(chosen)
-                print(f"warning: {e}; set aside as {os.path.basename(aside)}, reading the next best",
-                      file=sys.stderr)
-    finally:
-        ckpt.close()
-    return config, state.variables, model.apply, chosen
-
-
-def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, threshold: float | None = None,
-                  tta: str | None = None, postprocess: str | None = None):
-    """(first checkpoint's config, Ensemble, [(checkpoint folder, step), ...]) of one or more --ckpt; ``tta``
-    and ``postprocess`` default to the first checkpoint's config."""
-    if isinstance(ckpts, str):
-        ckpts = [ckpts]
-    if not ckpts:
-        raise CheckpointError("no --ckpt given")
-    try:  # a bad --tta / --postprocess fails before any checkpoint is read
-        parse_tta(tta)
-        postprocess_lib.parse(postprocess)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    mesh = mesh or parallel.make_mesh()
-    members, loaded, first = [], [], None
-    for path in ckpts:
-        config, variables, apply_fn, at = load_checkpoint(path, step, mesh)
-        first = first or config
-        split = ("seed", "val_fraction", "val_cars")
-        if any(config[k] != first[k] for k in split):
-            print(f"note: {path} held out other cars ({', '.join(f'{k}={config[k]}' for k in split)}) than "
-                  f"{ckpts[0]}; --split val scores the first one's, which it may have trained on")
-        members.append(predict.member(variables, apply_fn, config))
-        loaded.append((checkpoint_dir(_step_path(path, None)[0]), at))
-    threshold = first.threshold if threshold is None else threshold
-    if not 0.0 <= threshold < 1.0:
-        raise CheckpointError(f"--threshold must be in [0, 1), got {threshold}")
-    tta = first.get("tta", "none") if tta is None else tta
-    postprocess = first.get("postprocess", "none") if postprocess is None else postprocess
-    try:
-        ensemble = predict.Ensemble(members, mesh, threshold, tta=tta, postprocess=postprocess)
-    except ValueError as e:  # a bad --tta / --postprocess, or a fit='pad' checkpoint of the wrong size
-        raise ConfigError(str(e)) from e
-    return first, ensemble, loaded
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -240,14 +141,14 @@ def evaluate(ckpt: str | Sequence[str], split: str = "val", data_dir: str | None
         raise ConfigError(f"eval runs in one process (this job has {parallel.process_count()}); start it without "
                           "--num_processes / the launcher: one process uses all of its machine's devices")
     mesh = parallel.make_mesh()
-    config, ensemble, loaded = load_ensemble(ckpts, step, mesh, threshold, tta, postprocess)
+    config, ensemble, loaded = predict.load_ensemble(ckpts, step, mesh, threshold, tta, postprocess)
     tta, postprocess = ensemble.tta_name, ensemble.postprocess_name
     for key, value in (("data_dir", data_dir), ("data_source", data_source), ("tfds_dir", tfds_dir),
                        ("num_workers", num_workers)):
         if value is not None:
             config[key] = value
     records = records_for(split, config)
-    workdir = ckpt_workdir(ckpts[0])
+    workdir = checkpoint.ckpt_workdir(ckpts[0])
     steps = [at for _, at in loaded]
     about = f"{len(ckpts)} checkpoint{'s' if len(ckpts) > 1 else ''} (steps {steps}), tta={tta}, " \
             f"threshold={ensemble.threshold}" + (f", postprocess={postprocess}" if postprocess != "none" else "")

@@ -18,7 +18,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -26,11 +26,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from carvana_jax import inference, parallel, refine, rle
+from carvana_jax import checkpoint, inference, parallel, refine, rle
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 from carvana_jax.data.kaggle import Record
-from carvana_jax.errors import DataError
+from carvana_jax.errors import CheckpointError, ConfigError, DataError
 
 IN_FLIGHT = 2  # device batches dispatched ahead of the one being brought back
 HOST_KEYS = ("mask_full",)  # batch arrays that stay on the host
@@ -205,9 +205,9 @@ class Ensemble:
             packed.copy_to_host_async()
             pending.append((packed, n, indices, host))
             if len(pending) > in_flight:
-                yield _host(*pending.popleft())
+                yield _to_host_rows(*pending.popleft())
         while pending:
-            yield _host(*pending.popleft())
+            yield _to_host_rows(*pending.popleft())
 
     def _cleaned(self, batches) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
         """``batches`` with each bit-packed mask post-processed (``postprocess.apply_packed``), one batch
@@ -276,7 +276,7 @@ def dice_of_packed(packed: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * inter / total
 
 
-def _host(packed, n: int, indices, host: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+def _to_host_rows(packed, n: int, indices, host: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     return np.asarray(indices[:n]), parallel.to_host(packed)[:n], {k: v[:n] for k, v in host.items()}
 
 
@@ -284,7 +284,7 @@ def _collect(indices, futures, host) -> tuple[np.ndarray, np.ndarray, dict]:
     return indices, np.stack([f.result() for f in futures]), host
 
 
-def single(variables, apply_fn, config, mesh, hflip_tta: bool = False, *, tta=None, postprocess="none"
+def single_model_ensemble(variables, apply_fn, config, mesh, hflip_tta: bool = False, *, tta=None, postprocess="none"
            ) -> Ensemble:
     """An ensemble of one model trained with ``config`` (its image_size, fit, threshold)."""
     return Ensemble([member(variables, apply_fn, config)], mesh, config.threshold, hflip_tta, tta=tta,
@@ -294,14 +294,14 @@ def single(variables, apply_fn, config, mesh, hflip_tta: bool = False, *, tta=No
 def val_dice(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False, tta=None,
              postprocess="none", progress=False) -> np.ndarray:
     """Per-record Dice at 1918×1280 (NaN for a record skipped as unreadable)."""
-    ensemble = single(variables, apply_fn, config, mesh, hflip_tta, tta=tta, postprocess=postprocess)
+    ensemble = single_model_ensemble(variables, apply_fn, config, mesh, hflip_tta, tta=tta, postprocess=postprocess)
     return ensemble.dice(records, config, progress=progress)[0]
 
 
 def predict_masks(variables, apply_fn, records: list[Record], config, mesh, *, hflip_tta=False, tta=None,
                   postprocess="none") -> Iterator[tuple[Record, np.ndarray]]:
     """(record, binary uint8 1280×1918 mask) for each record, in order."""
-    ensemble = single(variables, apply_fn, config, mesh, hflip_tta, tta=tta, postprocess=postprocess)
+    ensemble = single_model_ensemble(variables, apply_fn, config, mesh, hflip_tta, tta=tta, postprocess=postprocess)
     for index, mask in ensemble.masks(records, config):
         yield records[index], mask
 
@@ -311,3 +311,39 @@ def model_size_predictions(variables, apply_fn, images: np.ndarray, mesh, thresh
     fn = parallel.data_parallel_map(lambda v, x: inference.predict_probs(v, x, apply_fn) > threshold, mesh)
     padded, n = parallel.pad_to_multiple({"image": images}, mesh.devices.size)
     return parallel.to_host(fn(variables, parallel.shard_batch(padded, mesh)["image"]))[:n]
+
+
+def load_ensemble(ckpts: Sequence[str], step: int | None = None, mesh=None, threshold: float | None = None,
+                  tta: str | None = None, postprocess: str | None = None):
+    """(first checkpoint's config, Ensemble, [(checkpoint folder, step), ...]) of one or more --ckpt; ``tta``
+    and ``postprocess`` default to the first checkpoint's config."""
+    if isinstance(ckpts, str):
+        ckpts = [ckpts]
+    if not ckpts:
+        raise CheckpointError("no --ckpt given")
+    try:  # a bad --tta / --postprocess fails before any checkpoint is read
+        inference.parse_tta(tta)
+        postprocess_lib.parse(postprocess)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    mesh = mesh or parallel.make_mesh()
+    members, loaded, first = [], [], None
+    for path in ckpts:
+        config, variables, apply_fn, at = checkpoint.load_checkpoint(path, step, mesh)
+        first = first or config
+        split = ("seed", "val_fraction", "val_cars")
+        if any(config[k] != first[k] for k in split):
+            print(f"note: {path} held out other cars ({', '.join(f'{k}={config[k]}' for k in split)}) than "
+                  f"{ckpts[0]}; --split val scores the first one's, which it may have trained on")
+        members.append(member(variables, apply_fn, config))
+        loaded.append((checkpoint.checkpoint_dir(checkpoint.step_path(path, None)[0]), at))
+    threshold = first.threshold if threshold is None else threshold
+    if not 0.0 <= threshold < 1.0:
+        raise CheckpointError(f"--threshold must be in [0, 1), got {threshold}")
+    tta = first.get("tta", "none") if tta is None else tta
+    postprocess = first.get("postprocess", "none") if postprocess is None else postprocess
+    try:
+        ensemble = Ensemble(members, mesh, threshold, tta=tta, postprocess=postprocess)
+    except ValueError as e:  # a bad --tta / --postprocess, or a fit='pad' checkpoint of the wrong size
+        raise ConfigError(str(e)) from e
+    return first, ensemble, loaded

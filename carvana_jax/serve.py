@@ -273,9 +273,8 @@ def serve(ckpts, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float
     check_address(host, port)  # before importing jax, too
     import uvicorn
 
-    from carvana_jax import cutter
-    from carvana_jax import eval as eval_lib
-    _, ensemble, loaded = eval_lib.load_ensemble(ckpts, step, None, threshold, tta, postprocess)
+    from carvana_jax import cutter, predict
+    _, ensemble, loaded = predict.load_ensemble(ckpts, step, None, threshold, tta, postprocess)
     cut = cutter.Cutter(ensemble, batch_size)
     warm_up(cut, batch_size)
     batcher = Batcher(cut.cut, batch_size, max_wait_ms / 1000.0)

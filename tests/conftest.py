@@ -22,9 +22,9 @@ if not flags.FLAGS.is_parsed():
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """A small synthetic dataset in the Kaggle layout: 3 training cars and 1 test car, 16 angles each."""
-    from carvana_jax.data import synthetic
+    from carvana_jax.synthetic import dataset
     out = tmp_path_factory.mktemp("data") / "kaggle"
-    synthetic.generate(str(out), num_cars=3, num_test_cars=1, seed=0, progress=False)
+    dataset.generate(str(out), num_cars=3, num_test_cars=1, seed=0, progress=False)
     return str(out)
 
 

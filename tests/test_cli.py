@@ -27,7 +27,7 @@ def _one_line_error(proc, *needles):
 def test_missing_data_dir_says_how_to_get_data(tmp_path):
     proc = _run("carvana_jax.train", "--config", "configs/demo.py", f"--workdir={tmp_path}/w",
                 f"--config.data_dir={tmp_path}/nothing")
-    _one_line_error(proc, "nothing", "kaggle competitions download", "carvana_jax.data.synthetic")
+    _one_line_error(proc, "nothing", "kaggle competitions download", "carvana_jax.synthetic")
 
 
 @pytest.mark.slow
@@ -45,7 +45,7 @@ def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_every_command_has_help():
     for module, flag in (("carvana_jax.train", "--config"), ("carvana_jax.eval", "--ckpt"),
-                         ("carvana_jax.data.synthetic", "--out"), ("carvana_jax.score", "--submission"),
+                         ("carvana_jax.synthetic", "--out"), ("carvana_jax.score", "--submission"),
                          ("carvana_jax.memory", "--config"), ("carvana_jax.launch", "--num_processes"),
                          ("carvana_jax.data.prepare", "--data_dir")):
         proc = _run(module, "--help")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from carvana_jax import cutter, photos, rle
+from carvana_jax import cutter, photos, predict, rle
 from carvana_jax import eval as eval_lib
 from carvana_jax.data import kaggle
 
@@ -125,7 +125,7 @@ def test_model_size_is_the_models_own_for_kaggle_photos_and_keeps_the_aspect_oth
 
 @pytest.mark.parametrize("postprocess", ["none", "guided"])
 def test_a_kaggle_photos_mask_is_exactly_evals(workdir, kaggle_dir, test_photos, postprocess):
-    config, ensemble, _ = eval_lib.load_ensemble([workdir], postprocess=postprocess)
+    config, ensemble, _ = predict.load_ensemble([workdir], postprocess=postprocess)
     config.data_dir = kaggle_dir
     records = eval_lib.records_for("test", config)
     cut = cutter.Cutter(ensemble, batch_size=4)
@@ -141,7 +141,7 @@ def test_a_kaggle_photos_mask_is_exactly_evals(workdir, kaggle_dir, test_photos,
 
 
 def test_a_batch_cuts_each_photo_as_it_would_alone_and_refuses_mixed_sizes(workdir, test_photos):
-    _, ensemble, _ = eval_lib.load_ensemble([workdir])
+    _, ensemble, _ = predict.load_ensemble([workdir])
     cut = cutter.Cutter(ensemble, batch_size=4)
     data = [_bytes(Image.open(p).resize((150, 100)), "PNG") for p in test_photos[:3]]
     prepared = [cut.prepare(d, f"p{i}") for i, d in enumerate(data)]
@@ -283,7 +283,7 @@ def test_command_stdin_to_stdout_only_mask_soft_and_background(workdir, test_pho
     cut = np.asarray(Image.open(io.BytesIO(piped.stdout)))
     assert cut.shape == (*rle.FULL_SHAPE, 4)
 
-    _, ensemble, _ = eval_lib.load_ensemble([workdir])
+    _, ensemble, _ = predict.load_ensemble([workdir])
     c = cutter.Cutter(ensemble)
     prepared = c.prepare(data, "x")
     [(mask, alpha)] = c.cut([prepared])

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import cv, parallel, score, train
 from carvana_jax import eval as eval_lib
@@ -108,7 +107,7 @@ def test_explicit_held_out_cars_split_by_car(kaggle_dir, tiny_config):
 
 @pytest.fixture(scope="module")
 def cv_data(kaggle_dir_few):
-    """Synthetic Kaggle-layout data: 3 training cars and 1 test car, ANGLES photos each (the full-resolution
+    """Synthetic Kaggle-layout data: 3 training cars and 1 test car, helpers.FEW_ANGLES photos each (the full-resolution
     scoring stays quick)."""
     return kaggle_dir_few
 

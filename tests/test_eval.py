@@ -12,7 +12,7 @@ import pytest
 from helpers import FEW_ANGLES as ANGLES
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import inference, parallel, postprocess, predict, refine, rle
+from carvana_jax import checkpoint, inference, parallel, postprocess, predict, refine, rle
 from carvana_jax.data import augment, kaggle, pipeline
 from carvana_jax.errors import CheckpointError, ConfigError
 
@@ -60,7 +60,7 @@ def _per_image(folder):
 
 def test_val_dice_and_per_image_csv_equal_an_independent_full_resolution_computation(workdir, kaggle_dir, tmp_path):
     result = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "ev"), progress=False)
-    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
     scores = {}
     for record, pred in predict.predict_masks(variables, apply_fn, val_records, config, parallel.make_mesh()):
@@ -89,12 +89,12 @@ def test_ensemble_of_two_input_sizes_with_hflip_runs_end_to_end_and_equals_the_m
     assert result["steps"] == [2, 2] and 0.0 < result["dice"] <= 1.0 and result["images"] == ANGLES
     assert result["threshold"] == 0.5  # the first checkpoint's
     mesh = parallel.make_mesh()
-    config, _, _, _ = eval_lib.load_checkpoint(workdir)
+    config, _, _, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
     records = val_records[:3]
     probs = []
     for path in (workdir, workdir_b):  # each model's own full-resolution probabilities, computed on its own
-        own_config, variables, apply_fn, _ = eval_lib.load_checkpoint(path)
+        own_config, variables, apply_fn, _ = checkpoint.load_checkpoint(path)
         fn = parallel.data_parallel_map(
             lambda v, x, f=apply_fn: inference.upsample(inference.predict_probs(v, x, f, hflip_tta=True)), mesh)
         batch = next(iter(pipeline.eval_dataset(records, own_config, 4, 0)))["image"]
@@ -128,7 +128,7 @@ def workdir_defaults(workdir, tmp_path_factory):
 def test_postprocessed_val_dice_is_the_dice_of_the_cleaned_masks(workdir, kaggle_dir, tmp_path):
     result = eval_lib.evaluate(workdir, split="val", postprocess="clean", out=str(tmp_path / "ev"), progress=False)
     assert result["postprocess"] == "components,fill"
-    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
     expected, changed = {}, 0
     for record, pred in predict.predict_masks(variables, apply_fn, val_records, config, parallel.make_mesh()):
@@ -149,7 +149,7 @@ def test_guided_val_dice_is_the_dice_of_the_refined_probabilities(workdir, kaggl
     result = eval_lib.evaluate(workdir, split="val", postprocess="guided", out=str(tmp_path / "ev"), progress=False)
     plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "plain"), progress=False)
     assert result["postprocess"] == "guided"
-    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
     k = refine.guide_scale(rle.FULL_SHAPE, [tuple(config.image_size)])
     load = pipeline.LoadForEval(config.image_size, guide_hw=refine.guide_shape(rle.FULL_SHAPE, k))
@@ -173,7 +173,7 @@ def test_a_guided_ensemble_of_two_sizes_takes_the_guide_from_the_finer_decode(wo
     shutil.copytree(workdir, fine)
     meta = fine / "checkpoints" / "2" / "config" / "metadata"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "image_size": [192, 320]}))
-    _, ensemble, _ = eval_lib.load_ensemble([workdir, str(fine)], postprocess="guided")
+    _, ensemble, _ = predict.load_ensemble([workdir, str(fine)], postprocess="guided")
     assert ensemble.guide_scale == 4 and ensemble.guide_hw == (320, 480)
     guided = eval_lib.evaluate([workdir, str(fine)], split="val", postprocess="guided", out=str(tmp_path / "a"),
                                progress=False)
@@ -208,7 +208,7 @@ def test_postprocessed_submission_rows_are_the_cleaned_masks(workdir, kaggle_dir
     eval_lib.evaluate(workdir, split="test", out=out, postprocess="clean", progress=False)
     with open(out, newline="") as f:
         rows = list(csv.reader(f))[1:]
-    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     records = kaggle.index_test(kaggle_dir)[:4]
     for (name, text), (record, mask) in zip(rows, predict.predict_masks(variables, apply_fn, records, config,
                                                                         parallel.make_mesh())):
@@ -223,7 +223,7 @@ def test_submission_lists_every_test_image_once_in_order_with_decodable_masks(wo
         rows = list(csv.reader(f))
     assert rows[0] == ["img", "rle_mask"]
     assert [r[0] for r in rows[1:]] == kaggle.read_submission_order(kaggle_dir)
-    config, variables, apply_fn, _ = eval_lib.load_checkpoint(workdir)
+    config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     first = next(predict.predict_masks(variables, apply_fn, kaggle.index_test(kaggle_dir)[:1], config,
                                        parallel.make_mesh()))[1]
     np.testing.assert_array_equal(rle.decode(rows[1][1]), first)
@@ -243,10 +243,10 @@ def test_a_missing_test_image_is_named_and_leaves_no_submission(workdir, kaggle_
 
 def test_ckpt_pointing_at_nothing_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no such folder"):
-        eval_lib.load_checkpoint(str(tmp_path / "nope"))
+        checkpoint.load_checkpoint(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        eval_lib.load_checkpoint(str(tmp_path / "empty"))
+        checkpoint.load_checkpoint(str(tmp_path / "empty"))
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_a_clear_error(workdir, tmp_path):
@@ -258,7 +258,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_a_clear_error(workd
     config["model"]["features"] = 8  # the wider model test_train's refused workdir builds too
     meta.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not fit"):
-        eval_lib.load_checkpoint(str(broken))
+        checkpoint.load_checkpoint(str(broken))
 
 
 def _eval_command(*args):

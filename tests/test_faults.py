@@ -15,8 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import assert_nothing_left, shared_model
 
-from carvana_jax import eval as eval_lib
-from carvana_jax import train, workdir_lock
+from carvana_jax import checkpoint, train, workdir_lock
 from carvana_jax.errors import CheckpointError, CheckpointWriteError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,9 +137,9 @@ def test_eval_reads_the_next_best_checkpoint_of_a_workdir_and_refuses_a_damaged_
     train.train_and_evaluate(config, workdir, progress=False)  # 4 is the best (the only one validated)
     _truncate_array_files(workdir, 4)
     with pytest.raises(CheckpointError, match=r"checkpoints/4 is unreadable"):
-        eval_lib.load_checkpoint(workdir, step=4)
+        checkpoint.load_checkpoint(workdir, step=4)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))  # a named step is refused, not moved
-    _, _, _, step = eval_lib.load_checkpoint(workdir)
+    _, _, _, step = checkpoint.load_checkpoint(workdir)
     assert step == 2 and "4.unreadable" in capsys.readouterr().err
 
 
@@ -180,7 +179,7 @@ def test_a_failed_checkpoint_write_is_named_and_leaves_the_earlier_ones_and_no_p
     assert str(failure.value) == (f"cannot write checkpoint 4 in {folder}: No space left on device; "
                                   "the checkpoints before it are intact")
     assert os.listdir(folder) == ["2"]
-    _, _, _, step = eval_lib.load_checkpoint(workdir)
+    _, _, _, step = checkpoint.load_checkpoint(workdir)
     assert step == 2
 
 
@@ -206,7 +205,7 @@ def test_a_full_disk_stops_training_in_one_line_with_the_earlier_checkpoints_int
         assert len(errors) == 1 and "No space left on device" in errors[0], told
         assert f"cannot write checkpoint 10 in {workdir / 'checkpoints'}: " in errors[0], errors
         assert os.listdir(workdir / "checkpoints") == ["5"]  # nothing of the failed one
-        _, _, _, step = eval_lib.load_checkpoint(str(workdir))
+        _, _, _, step = checkpoint.load_checkpoint(str(workdir))
         assert step == 5
     finally:
         subprocess.run(["umount", str(disk)], check=False)

@@ -150,7 +150,7 @@ def test_missing_or_empty_data_dir(tmp_path, make):
         message = str(e.value)
         assert str(data) in message
         assert "kaggle competitions download -c carvana-image-masking-challenge" in message
-        assert "carvana_jax.data.synthetic" in message
+        assert "carvana_jax.synthetic" in message
         assert one_line(message)
 
 

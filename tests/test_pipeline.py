@@ -253,7 +253,7 @@ class _WhoMapsIt(grain.transforms.Map):
 def test_reading_threads(num_workers):
     """Workers map one element at a time (one reading thread each): grain's default of 16 threads in
     every worker made one worker 3x slower than none. In-process, one thread per CPU at most."""
-    ds = pipeline.parallel(grain.MapDataset.range(64).map(_WhoMapsIt()), num_workers, batch_size=4)
+    ds = pipeline.read_by_workers(grain.MapDataset.range(64).map(_WhoMapsIt()), num_workers, batch_size=4)
     items = drain(ds)
     assert [int(i["x"]) for i in items] == list(range(64))  # in order
     threads = {(int(i["pid"]), int(i["thread"])) for i in items}

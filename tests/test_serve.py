@@ -17,8 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from carvana_jax import cutter
-from carvana_jax import eval as eval_lib
+from carvana_jax import cutter, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -114,7 +113,7 @@ QUERIES = {"": "cutout", "?only_mask=1": "mask", "?soft=1": "cutout", "?bgcolor=
 @pytest.fixture(scope="module")
 def expected(workdir, photos):
     """{(photo name, query): decoded PNG} as the Cutter API makes them in this process."""
-    _, ensemble, _ = eval_lib.load_ensemble([workdir])
+    _, ensemble, _ = predict.load_ensemble([workdir])
     cut = cutter.Cutter(ensemble, BATCH)
     out = {}
     for name, data in photos.items():

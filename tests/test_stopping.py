@@ -13,8 +13,7 @@ import pytest
 from helpers import assert_nothing_left, session_alive
 from test_faults import ROOT, _env, _train, _wait_for
 
-from carvana_jax import eval as eval_lib
-from carvana_jax import stopping
+from carvana_jax import checkpoint, stopping
 
 
 def _metric_rows(workdir) -> int:
@@ -26,7 +25,7 @@ def _metric_rows(workdir) -> int:
 
 
 def _final_params(workdir, step: int):
-    _, variables, _, _ = eval_lib.load_checkpoint(str(workdir), step=step)
+    _, variables, _, _ = checkpoint.load_checkpoint(str(workdir), step=step)
     return variables["params"]
 
 

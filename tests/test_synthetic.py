@@ -1,4 +1,4 @@
-"""Tests of carvana_jax.data.synthetic: the Kaggle layout, exact masks, determinism, and realism."""
+"""Tests of carvana_jax.synthetic: the Kaggle layout, exact masks, determinism, and realism."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from carvana_jax import rle
-from carvana_jax.data import synthetic
+from carvana_jax.synthetic import cars, render
+from carvana_jax.synthetic import dataset as writer
 
 SEED = 3
 NUM_TRAIN, NUM_TEST = 2, 1
@@ -28,7 +29,7 @@ def _car_ids(folder: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "carvana"
-    synthetic.generate(out, NUM_TRAIN, num_test_cars=NUM_TEST, seed=SEED, workers=1, progress=False)
+    writer.generate(out, NUM_TRAIN, num_test_cars=NUM_TEST, seed=SEED, workers=1, progress=False)
     return out
 
 
@@ -87,23 +88,23 @@ def test_metadata_has_every_car(dataset: Path):
 
 def test_same_seed_same_masks_other_seed_other_masks(dataset: Path):
     # generate() renders car i with car_rng(seed, i); re-rendering must give the written masks.
-    first_id = synthetic.car_ids(NUM_TRAIN + NUM_TEST, SEED)[0]
+    first_id = writer.car_ids(NUM_TRAIN + NUM_TEST, SEED)[0]
     gif_of = lambda nn: np.array(Image.open(dataset / "train_masks" / f"{first_id}_{nn:02d}_mask.gif"))
-    rng = synthetic.car_rng(SEED, 0)
-    car = synthetic.sample_car(rng)
+    rng = writer.car_rng(SEED, 0)
+    car = cars.sample_car(rng)
     for nn in (1, 2, 3):
-        _, mask = synthetic.render_view(car, synthetic.view_angle(nn), rng)
+        _, mask = render.render_view(car, render.view_angle(nn), rng)
         np.testing.assert_array_equal(mask, gif_of(nn))
-    other_rng = synthetic.car_rng(SEED + 1, 0)
-    _, other = synthetic.render_view(synthetic.sample_car(other_rng), synthetic.view_angle(1), other_rng)
+    other_rng = writer.car_rng(SEED + 1, 0)
+    _, other = render.render_view(cars.sample_car(other_rng), render.view_angle(1), other_rng)
     assert np.mean(other != gif_of(1)) > 0.005
-    assert synthetic.car_ids(3, SEED) != synthetic.car_ids(3, SEED + 1)
+    assert writer.car_ids(3, SEED) != writer.car_ids(3, SEED + 1)
 
 
 def test_output_does_not_depend_on_worker_count(dataset: Path, tmp_path: Path):
     out = tmp_path / "again"
     out.mkdir()  # an existing but empty folder is fine
-    synthetic.generate(out, NUM_TRAIN, num_test_cars=NUM_TEST, seed=SEED, workers=2, progress=False)
+    writer.generate(out, NUM_TRAIN, num_test_cars=NUM_TEST, seed=SEED, workers=2, progress=False)
     files = sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     for rel in files:
@@ -113,10 +114,10 @@ def test_output_does_not_depend_on_worker_count(dataset: Path, tmp_path: Path):
 def test_views_go_around_the_car():
     # Side views (05, 13) are long and low; front and back (01, 09) are narrow; all are one blob.
     rng = np.random.default_rng(7)
-    car = synthetic.sample_car(rng)
+    car = cars.sample_car(rng)
     aspect = {}
     for nn in (1, 3, 5, 9, 13):
-        _, mask = synthetic.render_view(car, synthetic.view_angle(nn), rng)
+        _, mask = render.render_view(car, render.view_angle(nn), rng)
         ys, xs = np.nonzero(mask)
         aspect[nn] = (xs.max() - xs.min()) / (ys.max() - ys.min())
     assert aspect[5] > 1.6 * aspect[1] and aspect[13] > 1.6 * aspect[9]
@@ -127,10 +128,10 @@ def test_views_go_around_the_car():
 def test_light_cars_are_not_separable_by_a_colour_threshold(paint: str):
     """The best single threshold on brightness or any channel, either way round, is a poor mask."""
     rng = np.random.default_rng(11)
-    car = synthetic.sample_car(rng, paint=paint)
+    car = cars.sample_car(rng, paint=paint)
     assert car.is_light
     for nn in (1, 5):
-        img, mask = synthetic.render_view(car, synthetic.view_angle(nn), rng)
+        img, mask = render.render_view(car, render.view_angle(nn), rng)
         car_px = mask.reshape(-1).astype(bool)
         best = 0.0
         channels = [img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)] + [img[..., c] for c in range(3)]
@@ -146,14 +147,14 @@ def test_light_cars_are_not_separable_by_a_colour_threshold(paint: str):
 
 def test_a_good_share_of_cars_is_light():
     rng = np.random.default_rng(0)
-    share = np.mean([synthetic.sample_car(rng).is_light for _ in range(300)])
+    share = np.mean([cars.sample_car(rng).is_light for _ in range(300)])
     assert 0.25 <= share <= 0.5
 
 
 def test_shadow_darkens_the_floor_outside_the_mask():
     rng = np.random.default_rng(5)
-    car = synthetic.sample_car(rng)
-    img, mask = synthetic.render_view(car, synthetic.view_angle(5), rng)  # side view
+    car = cars.sample_car(rng)
+    img, mask = render.render_view(car, render.view_angle(5), rng)  # side view
     grey = img.astype(np.float32).mean(2)
     ys, xs = np.nonzero(mask)
     bottom, x0, x1 = ys.max(), xs.min(), xs.max()
@@ -171,9 +172,9 @@ def test_refuses_a_non_empty_output_folder(tmp_path: Path, capsys):
     out = tmp_path / "data"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(synthetic.OutputExistsError, match="already exists and is not empty"):
-        synthetic.generate(out, 1, num_test_cars=0, workers=1, progress=False)
-    assert synthetic.main(["--out", str(out), "--cars", "1", "--test_cars", "0", "--workers", "1"]) == 2
+    with pytest.raises(writer.OutputExistsError, match="already exists and is not empty"):
+        writer.generate(out, 1, num_test_cars=0, workers=1, progress=False)
+    assert writer.main(["--out", str(out), "--cars", "1", "--test_cars", "0", "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out) in err and "--overwrite" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
@@ -182,7 +183,7 @@ def test_refuses_a_non_empty_output_folder(tmp_path: Path, capsys):
 
 def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch):
     calls = []
-    real = synthetic._render_car_task
+    real = writer._render_car_task
 
     def flaky(task):
         if calls:
@@ -190,9 +191,9 @@ def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch):
         calls.append(task)
         return real(task)
 
-    monkeypatch.setattr(synthetic, "_render_car_task", flaky)
+    monkeypatch.setattr(writer, "_render_car_task", flaky)
     with pytest.raises(KeyboardInterrupt):
-        synthetic.generate(tmp_path / "data", 1, num_test_cars=1, workers=1, progress=False)
+        writer.generate(tmp_path / "data", 1, num_test_cars=1, workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -200,14 +201,14 @@ def test_overwrite_replaces_the_folder(tmp_path: Path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    synthetic.generate(out, 1, num_test_cars=0, seed=1, workers=1, progress=False, overwrite=True)
+    writer.generate(out, 1, num_test_cars=0, seed=1, workers=1, progress=False, overwrite=True)
     assert not (out / "old.txt").exists() and len(list((out / "train").iterdir())) == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def test_cli_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        synthetic.main(["--help"])
+        writer.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--out", "--cars", "--test_cars", "--seed", "--quality", "--workers", "--overwrite"):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from helpers import shared_model
 
-from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, train
+from carvana_jax import checkpoint, parallel, train
 from carvana_jax.checkpoint import Checkpointer
 from carvana_jax.errors import CheckpointError
 
@@ -55,7 +54,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tm
     _assert_trees_equal(jax.device_get(resumed["state"].ema_params), jax.device_get(whole["state"].ema_params))
     assert resumed["loss"] == whole["loss"] and resumed["val_dice"] == whole["val_dice"]
     # eval predicts with the saved average, which differs from the parameters.
-    _, variables, _, _ = eval_lib.load_checkpoint(resumed_dir, step=4)
+    _, variables, _, _ = checkpoint.load_checkpoint(resumed_dir, step=4)
     _assert_trees_equal(jax.device_get(variables["params"]), jax.device_get(whole["state"].ema_params))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["params"]),
                                                         jax.tree.leaves(_params(whole))))
@@ -135,5 +134,4 @@ def test_evaluation_defaults_to_the_checkpoint_with_the_best_val_dice(tiny_confi
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert {step: ckpt.manager.metrics(step)["val_dice"] for step in (2, 4)} == scores  # stored with each checkpoint
     assert ckpt.best_step() == max(scores, key=scores.get)
-    from carvana_jax import eval as eval_lib
-    assert eval_lib.load_checkpoint(workdir)[3] == max(scores, key=scores.get)
+    assert checkpoint.load_checkpoint(workdir)[3] == max(scores, key=scores.get)

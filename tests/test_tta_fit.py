@@ -225,7 +225,7 @@ def test_padded_model_predictions_are_its_own_probabilities_cropped(kaggle_dir):
     np.testing.assert_allclose(probs, own, atol=1e-6)
     mesh = parallel.make_mesh()
     threshold = float(np.median(own))
-    ensemble = predict.single(parallel.replicate(variables, mesh), apply_fn, config, mesh)
+    ensemble = predict.single_model_ensemble(parallel.replicate(variables, mesh), apply_fn, config, mesh)
     assert ensemble.members[0].fit == "pad"
     ensemble.threshold = threshold
     got = np.stack([m for _, m in ensemble.masks(records, config)])

@@ -26,8 +26,7 @@ import tempfile
 import time
 import urllib.request
 
-from carvana_jax import cutout, cutter
-from carvana_jax import eval as eval_lib
+from carvana_jax import cutout, cutter, predict
 from carvana_jax.bench.pipeline import cpu_name
 
 
@@ -127,7 +126,7 @@ def time_server(ckpts, photos: list[bytes], clients: int, requests: int, batch_s
 def bench_cutout(ckpts, folder: str, *, n: int = 32, batch_size: int = 8, threads: int | None = None,
                  tta: str | None = None, clients: int = 0, requests: int | None = None) -> dict:
     import jax
-    _, ensemble, loaded = eval_lib.load_ensemble(ckpts, tta=tta)
+    _, ensemble, loaded = predict.load_ensemble(ckpts, tta=tta)
     cut = cutter.Cutter(ensemble, batch_size)
     jobs = _jobs(folder, n)
     threads = threads or max(1, min(8, os.cpu_count() or 1))

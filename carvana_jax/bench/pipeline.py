@@ -115,13 +115,13 @@ def _files(element):
     """(JPEG, mask GIF) of an element: paths of a Record, bytes of a TFDS example."""
     if isinstance(element, kaggle.Record):
         return element.image_path, element.mask_path
-    return pipeline.blob(element["image"]), pipeline.blob(element["mask"])
+    return pipeline.as_bytes(element["image"]), pipeline.as_bytes(element["mask"])
 
 
 def _dataset(examples, config, transform):
     """pipeline.train_dataset's graph with another map in place of PairedAugment."""
     ds = pipeline.grain.MapDataset.source(examples).shuffle(seed=config.seed).repeat()
-    ds = pipeline.parallel(ds.random_map(transform, seed=config.seed), config.num_workers, config.batch_size)
+    ds = pipeline.read_by_workers(ds.random_map(transform, seed=config.seed), config.num_workers, config.batch_size)
     return ds.batch(config.batch_size, drop_remainder=True)
 
 

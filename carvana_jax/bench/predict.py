@@ -30,8 +30,7 @@ import time
 
 import numpy as np
 
-from carvana_jax import eval as eval_lib
-from carvana_jax import parallel, rle, submission
+from carvana_jax import parallel, predict, rle, submission
 from carvana_jax.bench.pipeline import CpuMeter, cpu_name
 from carvana_jax.data import pipeline, sources
 
@@ -198,7 +197,7 @@ def bench_predict(ckpts, *, data_dir: str | None, n: int, batch_size: int | None
                   rounds: int = 1, rle_repeats: int = 50, cpu_size=(1024, 1024)) -> dict:
     import jax
     mesh = parallel.make_mesh()
-    config, ensemble, loaded = eval_lib.load_ensemble(ckpts, mesh=mesh, tta=tta)
+    config, ensemble, loaded = predict.load_ensemble(ckpts, mesh=mesh, tta=tta)
     if data_dir:
         config.data_dir = data_dir
     records = list(sources.test_examples(config))[:n]

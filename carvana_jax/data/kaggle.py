@@ -20,7 +20,7 @@ from carvana_jax.errors import DataError
 
 GET_DATA = (
     "get it with `kaggle competitions download -c carvana-image-masking-challenge -p DIR` "
-    "or make synthetic data with `python -m carvana_jax.data.synthetic --out DIR --cars 24`"
+    "or make synthetic data with `python -m carvana_jax.synthetic --out DIR --cars 24`"
 )
 
 

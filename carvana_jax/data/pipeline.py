@@ -53,13 +53,13 @@ class Parts(NamedTuple):
     name: str | None
 
 
-def _text(value) -> str:
+def _as_str(value) -> str:
     if isinstance(value, np.ndarray):
         value = value.item()
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def blob(value) -> bytes:
+def as_bytes(value) -> bytes:
     if isinstance(value, np.ndarray):
         value = value.item()
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
@@ -76,16 +76,16 @@ def element_parts(element: Element) -> Parts:
         return Parts(element.image_path, mask, None)
     if not isinstance(element, Mapping):
         raise TypeError(f"expected a kaggle.Record or an example dict, got {type(element).__name__}")
-    name = _text(element["name"])
-    gif = blob(element.get("mask", b""))
+    name = _as_str(element["name"])
+    gif = as_bytes(element.get("mask", b""))
     text = element.get("mask_rle")
-    text = None if text is None else _text(text)
+    text = None if text is None else _as_str(text)
     mask = None
     if gif:  # a training example: its RLE (the GIF's, written with it) when there is one
         mask = augment.MaskSource(rle=text, file=gif, name=f"{name} (mask)")
     elif text:  # only the RLE was kept
         mask = augment.MaskSource(rle=text, name=f"{name} (mask_rle)")
-    return Parts(blob(element["image"]), mask, f"{name} (image)")
+    return Parts(as_bytes(element["image"]), mask, f"{name} (image)")
 
 
 class PairedAugment(grain.transforms.RandomMap):
@@ -233,7 +233,7 @@ def init_worker(worker_index: int = 0, worker_count: int = 1) -> None:
     exit_with_parent()
 
 
-def parallel(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.IterDataset:
+def read_by_workers(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.IterDataset:
     """``ds`` read in order by ``num_workers`` worker processes (one element at a time each, about two
     batches buffered), or by one reading thread per CPU in this process when num_workers is 0."""
     if num_workers <= 0:
@@ -312,7 +312,7 @@ def train_dataset(records: list[Element], config, process_index: int = 0, proces
                                              config.get("soft_masks", False), config.get("fit", "resize")),
                        seed=config.seed)
     local_batch = config.batch_size // process_count
-    ds = parallel(ProcessSlice(ds, config.batch_size, process_index, process_count, start), workers, local_batch)
+    ds = read_by_workers(ProcessSlice(ds, config.batch_size, process_index, process_count, start), workers, local_batch)
     return ds.filter(is_good).batch(local_batch, drop_remainder=True)
 
 
@@ -323,4 +323,4 @@ def eval_dataset(records: list[Element], config, batch_size: int, num_workers: i
     workers = config.num_workers if num_workers is None else num_workers
     transform = transform or LoadForEval(config.image_size, config.skip_bad_files, config.get("fit", "resize"))
     ds = grain.MapDataset.source(records).map_with_index(transform)
-    return parallel(ds, workers, batch_size).filter(is_good).batch(batch_size, drop_remainder=False)
+    return read_by_workers(ds, workers, batch_size).filter(is_good).batch(batch_size, drop_remainder=False)

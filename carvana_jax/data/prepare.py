@@ -27,7 +27,7 @@ def define_flags() -> None:
     own --data_dir) defines none."""
     flags.DEFINE_string("data_dir", None, "The Kaggle Carvana download (train/, train_masks/, test/, "
                         "sample_submission.csv, train_masks.csv; or their .zip files), or a synthetic dataset "
-                        "made with `python -m carvana_jax.data.synthetic`.")
+                        "made with `python -m carvana_jax.synthetic`.")
     flags.DEFINE_string("tfds_dir", None, "Where to write the TFDS dataset (it goes to TFDS_DIR/carvana/1.0.0); "
                         "default: DATA_DIR/tfds.")
     flags.DEFINE_bool("skip_bad_files", False, "Leave out photos that do not decode and photos whose mask is "

@@ -80,7 +80,7 @@ It must hold, zipped or unzipped (a `NAME.zip` is extracted next to itself on fi
 
 Or make a small synthetic dataset in the same layout:
 
-    python -m carvana_jax.data.synthetic --out MANUAL_DIR --cars 24
+    python -m carvana_jax.synthetic --out MANUAL_DIR --cars 24
 
 Then: python -m carvana_jax.data.prepare --data_dir MANUAL_DIR --tfds_dir TFDS_DIR
 """
