@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from absl import flags
 
-from carvana_jax import rle
+from carvana_jax import dice, rle
 from carvana_jax.data import kaggle
 
 HEADER = ["img", "rle_mask"]
@@ -135,36 +135,6 @@ def validate_rle(text: str, shape: tuple[int, int] = rle.FULL_SHAPE) -> str | No
     return None
 
 
-# --- Dice from runs -------------------------------------------------------------------------------
-
-def _covered_before(starts: np.ndarray, lengths: np.ndarray, cumulative: np.ndarray,
-                    pixels: np.ndarray) -> np.ndarray:
-    """How many of the runs' pixels are numbered below each of ``pixels`` (runs sorted, disjoint)."""
-    i = np.searchsorted(starts, pixels, side="right") - 1  # the last run starting at or before
-    inside = np.minimum(pixels - starts[np.maximum(i, 0)], lengths[np.maximum(i, 0)])
-    return np.where(i >= 0, cumulative[np.maximum(i, 0)] + inside, 0)
-
-
-def overlap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> int:
-    """Pixels in both of two run lists (starts, lengths), each sorted with disjoint runs.
-
-    Each run [s, s+l) of ``b`` contains covered_a(s+l) - covered_a(s) pixels of ``a``, where
-    covered_a(x) counts ``a``'s pixels below x; ``b``'s runs being disjoint, these add up."""
-    (a_starts, a_lengths), (b_starts, b_lengths) = a, b
-    if not a_starts.size or not b_starts.size:
-        return 0
-    cumulative = np.concatenate([[0], np.cumsum(a_lengths)])
-    ends = _covered_before(a_starts, a_lengths, cumulative, b_starts + b_lengths)
-    begins = _covered_before(a_starts, a_lengths, cumulative, b_starts)
-    return int((ends - begins).sum())
-
-
-def dice_of_runs(pred: tuple[np.ndarray, np.ndarray], truth: tuple[np.ndarray, np.ndarray]) -> float:
-    """Dice of two run lists (starts, lengths); 1 when both are empty, as Kaggle scores it."""
-    total = int(pred[1].sum()) + int(truth[1].sum())
-    return 1.0 if total == 0 else 2 * overlap(pred, truth) / total
-
-
 def score(submission_rows: dict[str, str], truth_rows: dict[str, str],
           shape: tuple[int, int] = rle.FULL_SHAPE) -> dict[str, float]:
     """Dice of each truth image's submitted mask, in the truth's order. Every truth image must be in
@@ -173,13 +143,13 @@ def score(submission_rows: dict[str, str], truth_rows: dict[str, str],
     missing = [name for name in truth_rows if name not in submission_rows]
     if missing:
         raise ValueError(f"{missing[0]}: not in the submission ({len(missing)} truth images are not)")
-    dice = {}
+    per_image = {}
     for name, truth_text in truth_rows.items():
         try:
-            dice[name] = dice_of_runs(parse_rle(submission_rows[name], shape), parse_rle(truth_text, shape))
+            per_image[name] = dice.of_runs(parse_rle(submission_rows[name], shape), parse_rle(truth_text, shape))
         except RLEError as e:
             raise ValueError(f"{name}: {e}") from e
-    return dice
+    return per_image
 
 
 def mean_dice(per_image: dict[str, float]) -> float:
@@ -383,14 +353,14 @@ def run(submission: str, truth: str, as_json: bool = False, per_image_path: str 
         return 1
     rows, _ = read_submission(submission)
     per_image = score(rows, truth_rows)
-    dice = mean_dice(per_image)
+    overall = mean_dice(per_image)
     if per_image_path:
         write_per_image(per_image_path, per_image)
     if as_json:
-        print(json.dumps({"valid": True, "dice": dice, "images": len(per_image), "submission": submission,
+        print(json.dumps({"valid": True, "dice": overall, "images": len(per_image), "submission": submission,
                           "truth": truth}))
     else:
-        print(f"Dice {dice:.9f} over {len(per_image)} images")
+        print(f"Dice {overall:.9f} over {len(per_image)} images")
     return 0
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from carvana_jax import metrics as metrics_lib
+from carvana_jax import dice as dice_lib
 from carvana_jax.models.unet import AXIS
 from carvana_jax.train_state import ema_update
 
@@ -44,7 +44,7 @@ def train_step(state, batch, *, loss_fn, schedule, mask_scale: float = 1.0, ema_
         updated = update != state.opt_state.gradient_step  # MultiSteps: only every grad_accum_steps-th
         new_state = new_state.replace(ema_params=jax.tree.map(
             lambda a, e: jnp.where(updated, a, e), averaged, state.ema_params))
-    dice = metrics_lib.dice_per_image(logits > 0, masks > 0.5).mean()
+    dice = dice_lib.per_image(logits > 0, masks > 0.5).mean()
     metrics = {"loss": loss, "dice": dice}
     metrics = lax.pmean(metrics, AXIS)
     metrics["learning_rate"] = schedule(state.opt_state.gradient_step)

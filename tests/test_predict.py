@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from carvana_jax import eval as eval_lib
-from carvana_jax import inference, parallel, predict, rle, score, submission
+from carvana_jax import dice, inference, parallel, predict, rle, score, submission
 from carvana_jax.data import kaggle, pipeline
 from carvana_jax.models import unet
 
@@ -81,13 +81,12 @@ def test_upsample_is_jax_image_resize_bilinear(size):
 
 
 def test_dice_of_packed_masks_is_the_competition_dice():
-    from carvana_jax import metrics
     rng = np.random.default_rng(3)
     for pred, truth in [(rng.random((37, 53)) < 0.4, rng.random((37, 53)) < 0.6),
                         (np.zeros((8, 8), bool), np.zeros((8, 8), bool)),
                         (np.zeros((8, 8), bool), np.ones((8, 8), bool))]:
-        got = predict.dice_of_packed(np.packbits(pred.reshape(-1)), truth.astype(np.uint8))
-        assert got == pytest.approx(metrics.dice_np(pred, truth), abs=1e-12)
+        got = dice.of_packed(np.packbits(pred.reshape(-1)), truth.astype(np.uint8))
+        assert got == pytest.approx(dice.of_pair(pred, truth), abs=1e-12)
 
 
 def test_load_at_sizes_equals_each_sizes_own_eval_pipeline(test_records):

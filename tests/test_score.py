@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from carvana_jax import rle, score
+from carvana_jax import dice, rle, score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = (37, 53)
@@ -127,8 +127,8 @@ def test_full_size_masks_match_independent_dice():
 def test_overlap_by_hand():
     a = score.parse_rle("2 3 10 4", (4, 4))  # pixels 2-4, 10-13
     b = score.parse_rle("1 2 4 8", (4, 4))  # pixels 1-2, 4-11
-    assert score.overlap(a, b) == score.overlap(b, a) == 1 + 1 + 2  # 2 | 4 | 10, 11
-    assert score.dice_of_runs(a, b) == 2 * 4 / (7 + 10)
+    assert dice.run_overlap(a, b) == dice.run_overlap(b, a) == 1 + 1 + 2  # 2 | 4 | 10, 11
+    assert dice.of_runs(a, b) == 2 * 4 / (7 + 10)
 
 
 def test_score_names_an_image_missing_from_the_submission():

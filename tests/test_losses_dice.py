@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from carvana_jax import losses, metrics
+from carvana_jax import dice, losses
 
 
 def _np_sigmoid(x):
@@ -57,22 +57,22 @@ def test_hard_dice_by_hand():
     pred = np.array([[1, 1, 0, 0]], bool)
     truth = np.array([[0, 1, 1, 0]], bool)
     # |A∩B| = 1, |A| + |B| = 4 → 2·1/4
-    assert metrics.dice_np(pred[0], truth[0]) == pytest.approx(0.5)
-    np.testing.assert_allclose(metrics.dice_per_image(jnp.asarray(pred), jnp.asarray(truth)), [0.5])
+    assert dice.of_pair(pred[0], truth[0]) == pytest.approx(0.5)
+    np.testing.assert_allclose(dice.per_image(jnp.asarray(pred), jnp.asarray(truth)), [0.5])
 
 
 def test_dice_of_two_empty_masks_is_one_and_of_disjoint_masks_zero():
     empty = np.zeros((2, 5, 5), bool)
     full = np.ones((2, 5, 5), bool)
-    np.testing.assert_array_equal(metrics.dice_per_image(empty, empty, xp=np), [1.0, 1.0])
-    np.testing.assert_array_equal(metrics.dice_per_image(empty, full, xp=np), [0.0, 0.0])
+    np.testing.assert_array_equal(dice.per_image(empty, empty, xp=np), [1.0, 1.0])
+    np.testing.assert_array_equal(dice.per_image(empty, full, xp=np), [0.0, 0.0])
 
 
 def test_dice_agrees_with_set_formula_on_random_masks():
     rng = np.random.default_rng(1)
     pred, truth = rng.random((4, 30, 40)) < 0.5, rng.random((4, 30, 40)) < 0.3
     expected = [2 * np.logical_and(p, t).sum() / (p.sum() + t.sum()) for p, t in zip(pred, truth)]
-    np.testing.assert_allclose(metrics.dice_per_image(jnp.asarray(pred), jnp.asarray(truth)), expected, rtol=1e-6)
+    np.testing.assert_allclose(dice.per_image(jnp.asarray(pred), jnp.asarray(truth)), expected, rtol=1e-6)
 
 
 def _np_band(masks, width):
