@@ -19,7 +19,7 @@ import numpy as np
 
 from carvana_jax import inference, parallel, photos, refine
 from carvana_jax import postprocess as postprocess_lib
-from carvana_jax.data import augment, pipeline
+from carvana_jax.data import augment
 
 # zlib level: for a 1918×1280 cut-out and its mask 81 + 18 ms at 1 against 139 + 30 ms at 3, for files 4% larger
 # (BENCHMARKS.md, "Cut-outs")
@@ -81,7 +81,7 @@ class Cutter:
             arrays[key] = photos.model_input(decoded[k], full_hw, size, fit)
         if k_guide:  # from the finest decode made, as eval's pipeline takes it
             finest = decoded[min(decoded)]
-            arrays["guide"] = pipeline.guide_image(finest, full_hw, refine.guide_shape(full_hw, k_guide))
+            arrays["guide"] = photos.model_input(finest, full_hw, refine.guide_shape(full_hw, k_guide))
         photo = None
         if keep_photo:
             photo = decoded[1] if 1 in decoded else photos.decode(data, header, 1, name)

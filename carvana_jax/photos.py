@@ -114,6 +114,6 @@ def model_size(full_hw: tuple[int, int], image_size: tuple[int, int], multiple: 
 
 
 def model_input(decoded: np.ndarray, full_hw, size, fit: str = "resize") -> np.ndarray:
-    """The model's ``size`` image from a decode of the photo, as ``pipeline.LoadForEval`` warps it."""
+    """The model's ``size`` image from a decode of the photo, as ``pipeline.LoadAtSizes`` warps it (no augmentation; placed as ``fit`` says)."""
     matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, decoded.shape[:2], size, fit)
     return augment.warp(decoded, matrix, size, border=augment.fit_border(fit))

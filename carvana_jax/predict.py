@@ -30,7 +30,7 @@ from carvana_jax import checkpoint, dice, inference, parallel, refine, rle
 from carvana_jax import postprocess as postprocess_lib
 from carvana_jax.data import augment, pipeline
 from carvana_jax.data.kaggle import Record
-from carvana_jax.errors import CheckpointError, ConfigError, DataError
+from carvana_jax.errors import CheckpointError, ConfigError
 
 IN_FLIGHT = 2  # device batches dispatched ahead of the one being brought back
 HOST_KEYS = ("mask_full",)  # batch arrays that stay on the host
@@ -60,45 +60,6 @@ def member(variables, apply_fn, config) -> Member:
     return Member(variables, apply_fn, tuple(config.image_size), config.get("fit", "resize"), input_multiple(config))
 
 
-class LoadAtSizes(grain.transforms.MapWithIndex):
-    """Element → {'image0', 'image1', …: the photo at each size (and fit), 'index', 'mask_full' when known}.
-
-    The JPEG is decoded once per DCT scale (``augment.dct_scale``) and each size is warped from the
-    decode its own pipeline (``pipeline.LoadForEval``) would use, so every image equals that pipeline's.
-    """
-
-    def __init__(self, sizes, skip_bad_files: bool = False, fits=None, guide_hw=None):
-        self.sizes = [tuple(s) for s in sizes]
-        self.skip_bad_files = skip_bad_files
-        self.fits = list(fits) if fits is not None else ["resize"] * len(self.sizes)
-        self.guide_hw = None if guide_hw is None else tuple(guide_hw)
-
-    def map_with_index(self, index: int, element):
-        try:
-            parts = pipeline.element_parts(element)
-            data = augment.read_bytes(parts.image, parts.name)
-            what = augment.source_name(parts.image, parts.name)
-            header = augment.jpeg_header(data)
-            decoded, item, full_hw = {}, {"index": np.int64(index)}, None
-            for i, (size, fit) in enumerate(zip(self.sizes, self.fits)):
-                scale = augment.dct_scale(header, size) if header else size
-                if scale not in decoded:
-                    decoded[scale] = augment.decode_image(data, size, what)
-                photo, full_hw = decoded[scale]
-                matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], size, fit)
-                item[f"image{i}"] = augment.warp(photo, matrix, size, border=augment.fit_border(fit))
-            if self.guide_hw is not None:  # from the finest decode made
-                photo, full_hw = max(decoded.values(), key=lambda d: d[0].shape[0])
-                item["guide"] = pipeline.guide_image(photo, full_hw, self.guide_hw)
-            if parts.mask is not None:
-                item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
-        except DataError as e:
-            if not self.skip_bad_files:
-                raise
-            return pipeline.bad_item(e)
-        return item
-
-
 class Ensemble:
     """Models whose full-resolution probabilities are averaged, then thresholded, on all devices.
 
@@ -125,9 +86,7 @@ class Ensemble:
         self.inputs = list(dict.fromkeys((tuple(m.image_size), m.fit) for m in members))
         self.sizes = [size for size, _ in self.inputs]
         self.variables = tuple(m.variables for m in members)
-        # The batch key of each distinct input, in order.
-        self.input_keys = keys = ("image",) if len(self.inputs) == 1 else tuple(f"image{i}" for i in
-                                                                                 range(len(self.inputs)))
+        self.input_keys = keys = pipeline.input_keys(len(self.inputs))  # the batch key of each distinct input
         # 'guided': the guide is the photo at the finest decode scale any model's input is warped from.
         self.guide_scale = refine.guide_scale(rle.FULL_SHAPE, self.sizes) if "guided" in self.postprocess else 0
         self.guide_hw = refine.guide_shape(rle.FULL_SHAPE, self.guide_scale) if self.guide_scale else None
@@ -162,13 +121,9 @@ class Ensemble:
         return self.pack_fn(self.masks_fn(variables, batch))
 
     def dataset(self, records, config, batch_size: int, num_workers: int | None = None) -> grain.IterDataset:
-        """In-order batches of every record at every model size: ``pipeline.LoadForEval`` (the eval pipeline's
-        map) when all models share one size, else ``LoadAtSizes``."""
-        if len(self.inputs) == 1:
-            transform = pipeline.LoadForEval(self.sizes[0], config.skip_bad_files, self.inputs[0][1], self.guide_hw)
-        else:
-            transform = LoadAtSizes(self.sizes, config.skip_bad_files, [fit for _, fit in self.inputs],
-                                    self.guide_hw)
+        """In-order batches of every record at every model size (``pipeline.LoadAtSizes``)."""
+        transform = pipeline.LoadAtSizes(self.sizes, config.skip_bad_files, [fit for _, fit in self.inputs],
+                                         self.guide_hw)
         return pipeline.eval_dataset(records, config, batch_size, num_workers, transform)
 
     def device_batches(self, records, config, batch_size: int | None = None, num_workers: int | None = None

@@ -90,7 +90,7 @@ def test_dice_of_packed_masks_is_the_competition_dice():
 
 
 def test_load_at_sizes_equals_each_sizes_own_eval_pipeline(test_records):
-    both = predict.LoadAtSizes([SIZE_A, SIZE_B])
+    both = pipeline.LoadAtSizes([SIZE_A, SIZE_B])
     for index in (0, 7):
         item = both.map_with_index(index, test_records[index])
         for key, size in (("image0", SIZE_A), ("image1", SIZE_B)):

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from carvana_jax import postprocess, refine, rle
-from carvana_jax.data import augment, pipeline
+from carvana_jax import photos, postprocess, refine, rle
+from carvana_jax.data import augment
 
 
 def _brute_box_mean(x, r):
@@ -82,7 +82,7 @@ def test_the_guide_is_the_models_own_decode(tmp_path):
         decoded, full_hw = augment.decode_image(path, size)
         assert decoded.shape[:2] == refine.guide_shape(full, k)
         assert refine.radius(k) == max(1, round(refine.RADIUS_FULL_PX / k))
-        guide = pipeline.guide_image(decoded, full_hw, refine.guide_shape(full, k))
+        guide = photos.model_input(decoded, full_hw, refine.guide_shape(full, k))
         assert guide.shape == decoded.shape and guide.dtype == np.uint8
 
 

@@ -174,7 +174,7 @@ def test_eval_and_train_images_and_masks_are_the_photo_padded_exactly(kaggle_dir
     item = pipeline.LoadForEval(PADDED, fit="pad").map_with_index(0, record)
     np.testing.assert_array_equal(item["image"], expected)
     np.testing.assert_array_equal(item["mask_full"], mask)
-    both = predict.LoadAtSizes([PADDED, SIZE], fits=["pad", "resize"]).map_with_index(0, record)
+    both = pipeline.LoadAtSizes([PADDED, SIZE], fits=["pad", "resize"]).map_with_index(0, record)
     np.testing.assert_array_equal(both["image0"], expected)
     np.testing.assert_array_equal(both["image1"], pipeline.LoadForEval(SIZE).map_with_index(0, record)["image"])
     off = default.get_config().augment

@@ -36,6 +36,7 @@ from typing import NamedTuple, Union
 import grain
 import numpy as np
 
+from carvana_jax import photos
 from carvana_jax.data import augment
 from carvana_jax.data.kaggle import Record
 from carvana_jax.errors import DataError
@@ -115,27 +116,43 @@ class PairedAugment(grain.transforms.RandomMap):
         return {"image": image, "mask": mask}
 
 
-class LoadForEval(grain.transforms.MapWithIndex):
-    """Element → model-size image (fitted as ``fit`` says: augment.fit_matrix), its index, the
-    full-resolution mask when the element has one, and with ``guide_hw`` the photo resized to it from the
-    same decode (``guide_image``: the guided filter's guide)."""
+def input_keys(count: int) -> tuple[str, ...]:
+    """The batch keys of a model's input photo: 'image' for one model size, 'image0', 'image1', … for several."""
+    return ("image",) if count == 1 else tuple(f"image{i}" for i in range(count))
 
-    def __init__(self, image_size, skip_bad_files: bool = False, fit: str = "resize", guide_hw=None):
-        self.image_size = tuple(image_size)
+
+class LoadAtSizes(grain.transforms.MapWithIndex):
+    """Element → {input_keys: the photo at each model size (placed as its ``fit`` says: augment.fit_matrix),
+    'index', 'mask_full': the full-resolution mask when the element has one, and with ``guide_hw`` 'guide': the
+    photo resized to it (the guided filter's guide)}: the one way photos are read for prediction.
+
+    The JPEG is decoded once per DCT scale (``augment.dct_scale``) and each size is warped from the decode a
+    model of that size alone would use, so every model sees what it saw in validation; the guide comes from
+    the finest decode made. A bad file raises DataError, or with ``skip_bad_files`` becomes a ``bad_item``."""
+
+    def __init__(self, sizes, skip_bad_files: bool = False, fits=None, guide_hw=None):
+        self.sizes = [tuple(s) for s in sizes]
         self.skip_bad_files = skip_bad_files
-        self.fit = fit
+        self.fits = list(fits) if fits is not None else ["resize"] * len(self.sizes)
         self.guide_hw = None if guide_hw is None else tuple(guide_hw)
+        self.keys = input_keys(len(self.sizes))
 
     def map_with_index(self, index: int, element: Element):
         try:
             parts = element_parts(element)
-            photo, full_hw = augment.decode_image(parts.image, self.image_size, parts.name)
-            matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], self.image_size,
-                                             self.fit)
-            item = {"image": augment.warp(photo, matrix, self.image_size, border=augment.fit_border(self.fit)),
-                    "index": np.int64(index)}
+            data = augment.read_bytes(parts.image, parts.name)
+            what = augment.source_name(parts.image, parts.name)
+            header = augment.jpeg_header(data)
+            decoded, item, full_hw = {}, {"index": np.int64(index)}, None
+            for key, size, fit in zip(self.keys, self.sizes, self.fits):
+                scale = augment.dct_scale(header, size) if header else size
+                if scale not in decoded:
+                    decoded[scale] = augment.decode_image(data, size, what)
+                photo, full_hw = decoded[scale]
+                item[key] = photos.model_input(photo, full_hw, size, fit)
             if self.guide_hw is not None:
-                item["guide"] = guide_image(photo, full_hw, self.guide_hw)
+                photo, full_hw = max(decoded.values(), key=lambda d: d[0].shape[0])
+                item["guide"] = photos.model_input(photo, full_hw, self.guide_hw)
             if parts.mask is not None:
                 item["mask_full"] = parts.mask.decode(full_hw, image_name=parts.name)
         except DataError as e:
@@ -145,11 +162,11 @@ class LoadForEval(grain.transforms.MapWithIndex):
         return item
 
 
-def guide_image(photo: np.ndarray, full_hw, guide_hw) -> np.ndarray:
-    """A decoded photo resized to ``guide_hw`` over the whole photo, as fit='resize' places a model's input
-    (so the guide's pixels and a resized prediction's line up)."""
-    matrix = augment.composed_matrix(augment.AugmentParams(), full_hw, photo.shape[:2], guide_hw, "resize")
-    return augment.warp(photo, matrix, guide_hw)
+class LoadForEval(LoadAtSizes):
+    """LoadAtSizes of one model size: {'image', 'index', 'mask_full', 'guide'}."""
+
+    def __init__(self, image_size, skip_bad_files: bool = False, fit: str = "resize", guide_hw=None):
+        super().__init__([image_size], skip_bad_files, [fit], guide_hw)
 
 
 _skipped = 0
