@@ -210,7 +210,7 @@ def _best_ms(fn, items, repeats: int) -> float:
 
 
 def _old_rle_decode(text: str, shape) -> np.ndarray:
-    """rle.decode before this issue: run ends marked with np.add.at, then a cumulative sum."""
+    """The former rle.decode, kept as a baseline: run ends marked with np.add.at, then a cumulative sum."""
     starts, lengths = rle.parse(text)
     size = shape[0] * shape[1]
     delta = np.zeros(size + 1, np.int32)
@@ -227,7 +227,7 @@ def _pil_decode(data: bytes, target_hw) -> np.ndarray:
 
 
 def _numpy_jitter(image: np.ndarray, p: augment.AugmentParams) -> np.ndarray:
-    """The float32 NumPy jitter this issue replaced (same formula, truncating)."""
+    """The former float32 NumPy jitter, kept as a baseline (same formula, truncating)."""
     x = image.astype(np.float32)
     grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
     x = grey[..., None] + p.saturation * (x - grey[..., None])
