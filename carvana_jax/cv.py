@@ -338,7 +338,7 @@ def cross_validate(config, workdir: str, folds: int, fold: int | None = None, *,
 
 def _summarise(config, workdir, index, held_out, states, submission: bool, progress: bool) -> dict:
     """oof.csv, the fold ensemble's submission.csv and cv.json, once every fold is done."""
-    from carvana_jax import eval as eval_lib
+    from carvana_jax import evaluation
     fold_scores = [dict(zip(states[i]["score"]["images"], states[i]["score"]["dice"])) for i in range(len(held_out))]
     rows, summary = aggregate_oof([(f"{name}.jpg", car) for name, car in index], held_out, fold_scores)
     oof_path = os.path.join(workdir, "oof.csv")
@@ -362,7 +362,7 @@ def _summarise(config, workdir, index, held_out, states, submission: bool, progr
         else:
             _say(progress, f"submission: the {len(held_out)} folds' best checkpoints averaged on the test photos")
             start = time.perf_counter()
-            written = eval_lib.evaluate([fold_dir(workdir, i) for i in range(len(held_out))], split="test",
+            written = evaluation.evaluate([fold_dir(workdir, i) for i in range(len(held_out))], split="test",
                                         out=out, **prediction_options(config), data_dir=config.data_dir,
                                         data_source=config.data_source, tfds_dir=config.tfds_dir,
                                         num_workers=config.num_workers, progress=progress)

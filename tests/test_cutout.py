@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from carvana_jax import cutter, photos, predict, rle
-from carvana_jax import eval as eval_lib
+from carvana_jax import evaluation
 from carvana_jax.data import kaggle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_model_size_is_the_models_own_for_kaggle_photos_and_keeps_the_aspect_oth
 def test_a_kaggle_photos_mask_is_exactly_evals(workdir, kaggle_dir, test_photos, postprocess):
     config, ensemble, _ = predict.load_ensemble([workdir], postprocess=postprocess)
     config.data_dir = kaggle_dir
-    records = eval_lib.records_for("test", config)
+    records = evaluation.records_for("test", config)
     cut = cutter.Cutter(ensemble, batch_size=4)
     evals = dict(ensemble.masks(records, config))
     prepared = []

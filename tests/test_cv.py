@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from carvana_jax import cv, parallel, score, train
-from carvana_jax import eval as eval_lib
+from carvana_jax import evaluation
 from carvana_jax.config import validate_config
 from carvana_jax.data import kaggle
 from carvana_jax.errors import ConfigError
@@ -155,7 +155,7 @@ def test_cross_validation_end_to_end_scores_every_photo_out_of_fold_resumes_and_
     # with the same TTA.
     report = json.loads(open(os.path.join(workdir, "cv.json")).read())
     for i in range(2):
-        ev = eval_lib.evaluate(cv.fold_dir(workdir, i), split="val", tta="hflip", out=str(tmp_path / f"ev{i}"),
+        ev = evaluation.evaluate(cv.fold_dir(workdir, i), split="val", tta="hflip", out=str(tmp_path / f"ev{i}"),
                                progress=False)
         per_image = {img: float(d) for img, d in _rows(tmp_path / f"ev{i}" / "per_image.csv")[1:]}
         assert set(per_image) == {img for img, fold, _ in rows[1:] if int(fold) == i}

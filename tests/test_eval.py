@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import FEW_ANGLES as ANGLES
 
-from carvana_jax import eval as eval_lib
+from carvana_jax import evaluation
 from carvana_jax import checkpoint, inference, parallel, postprocess, predict, refine, rle
 from carvana_jax.data import augment, kaggle, pipeline
 from carvana_jax.errors import CheckpointError, ConfigError
@@ -59,7 +59,7 @@ def _per_image(folder):
 
 
 def test_val_dice_and_per_image_csv_equal_an_independent_full_resolution_computation(workdir, kaggle_dir, tmp_path):
-    result = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "ev"), progress=False)
+    result = evaluation.evaluate(workdir, split="val", out=str(tmp_path / "ev"), progress=False)
     config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
     scores = {}
@@ -77,14 +77,14 @@ def test_val_dice_and_per_image_csv_equal_an_independent_full_resolution_computa
 
 
 def test_default_output_folder_is_next_to_the_checkpoint_and_train_scores_every_training_photo(workdir):
-    result = eval_lib.evaluate(os.path.join(workdir, "checkpoints", "2"), split="train", progress=False)
+    result = evaluation.evaluate(os.path.join(workdir, "checkpoints", "2"), split="train", progress=False)
     assert result["out"] == os.path.join(workdir, "eval_train") and result["images"] == 3 * ANGLES
     assert len(_per_image(result["out"])) == 3 * ANGLES
 
 
 def test_ensemble_of_two_input_sizes_with_hflip_runs_end_to_end_and_equals_the_mean_of_probabilities(
         workdir, workdir_b, kaggle_dir, tmp_path):
-    result = eval_lib.evaluate([workdir, workdir_b], split="val", tta="hflip", out=str(tmp_path / "ev"),
+    result = evaluation.evaluate([workdir, workdir_b], split="val", tta="hflip", out=str(tmp_path / "ev"),
                                progress=False)
     assert result["steps"] == [2, 2] and 0.0 < result["dice"] <= 1.0 and result["images"] == ANGLES
     assert result["threshold"] == 0.5  # the first checkpoint's
@@ -108,8 +108,8 @@ def test_ensemble_of_two_input_sizes_with_hflip_runs_end_to_end_and_equals_the_m
 
 
 def test_hflip_tta_runs_and_changes_the_prediction(workdir, tmp_path):
-    plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "a"), progress=False)
-    flipped = eval_lib.evaluate(workdir, split="val", tta="hflip", out=str(tmp_path / "b"), progress=False)
+    plain = evaluation.evaluate(workdir, split="val", out=str(tmp_path / "a"), progress=False)
+    flipped = evaluation.evaluate(workdir, split="val", tta="hflip", out=str(tmp_path / "b"), progress=False)
     assert 0.0 <= flipped["dice"] <= 1.0 and flipped["dice"] != plain["dice"]
 
 
@@ -126,7 +126,7 @@ def workdir_defaults(workdir, tmp_path_factory):
 
 
 def test_postprocessed_val_dice_is_the_dice_of_the_cleaned_masks(workdir, kaggle_dir, tmp_path):
-    result = eval_lib.evaluate(workdir, split="val", postprocess="clean", out=str(tmp_path / "ev"), progress=False)
+    result = evaluation.evaluate(workdir, split="val", postprocess="clean", out=str(tmp_path / "ev"), progress=False)
     assert result["postprocess"] == "components,fill"
     config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
@@ -146,8 +146,8 @@ def test_guided_val_dice_is_the_dice_of_the_refined_probabilities(workdir, kaggl
     """eval --postprocess guided against the same steps by hand, one photo at a time: the model's
     probabilities up-sampled to the guide (the photo at its 1/8 decode for this 32×48 model), the guided
     filter, up-sampled to 1918×1280 and thresholded."""
-    result = eval_lib.evaluate(workdir, split="val", postprocess="guided", out=str(tmp_path / "ev"), progress=False)
-    plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "plain"), progress=False)
+    result = evaluation.evaluate(workdir, split="val", postprocess="guided", out=str(tmp_path / "ev"), progress=False)
+    plain = evaluation.evaluate(workdir, split="val", out=str(tmp_path / "plain"), progress=False)
     assert result["postprocess"] == "guided"
     config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
     _, val_records = kaggle.split_by_car(kaggle.index_train(kaggle_dir), config.val_fraction, config.seed)
@@ -175,37 +175,37 @@ def test_a_guided_ensemble_of_two_sizes_takes_the_guide_from_the_finer_decode(wo
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "image_size": [192, 320]}))
     _, ensemble, _ = predict.load_ensemble([workdir, str(fine)], postprocess="guided")
     assert ensemble.guide_scale == 4 and ensemble.guide_hw == (320, 480)
-    guided = eval_lib.evaluate([workdir, str(fine)], split="val", postprocess="guided", out=str(tmp_path / "a"),
+    guided = evaluation.evaluate([workdir, str(fine)], split="val", postprocess="guided", out=str(tmp_path / "a"),
                                progress=False)
-    plain = eval_lib.evaluate([workdir, str(fine)], split="val", out=str(tmp_path / "b"), progress=False)
+    plain = evaluation.evaluate([workdir, str(fine)], split="val", out=str(tmp_path / "b"), progress=False)
     assert 0.0 <= guided["dice"] <= 1.0 and guided["dice"] != plain["dice"]
 
 
 def test_tta_and_postprocess_default_to_the_checkpoints_config(workdir, workdir_defaults, tmp_path):
-    default = eval_lib.evaluate(workdir_defaults, split="val", out=str(tmp_path / "a"), progress=False)
+    default = evaluation.evaluate(workdir_defaults, split="val", out=str(tmp_path / "a"), progress=False)
     assert default["tta"] == "hflip" and default["postprocess"] == "components,fill"
-    explicit = eval_lib.evaluate(workdir, split="val", tta="hflip", postprocess="clean", out=str(tmp_path / "b"),
+    explicit = evaluation.evaluate(workdir, split="val", tta="hflip", postprocess="clean", out=str(tmp_path / "b"),
                                  progress=False)
     assert default["dice"] == explicit["dice"]
-    overridden = eval_lib.evaluate(workdir_defaults, split="val", tta="none", postprocess="none",
+    overridden = evaluation.evaluate(workdir_defaults, split="val", tta="none", postprocess="none",
                                    out=str(tmp_path / "c"), progress=False)
-    plain = eval_lib.evaluate(workdir, split="val", out=str(tmp_path / "d"), progress=False)
+    plain = evaluation.evaluate(workdir, split="val", out=str(tmp_path / "d"), progress=False)
     assert overridden["tta"] == plain["tta"] == "none" and overridden["dice"] == plain["dice"]
 
 
 def test_shift_and_scale_tta_run_end_to_end(workdir, tmp_path):
-    result = eval_lib.evaluate(workdir, split="val", tta="scale,shift,hflip", out=str(tmp_path / "ev"),
+    result = evaluation.evaluate(workdir, split="val", tta="scale,shift,hflip", out=str(tmp_path / "ev"),
                                progress=False)
     assert result["tta"] == "hflip,shift,scale" and 0.0 <= result["dice"] <= 1.0
     with pytest.raises(ConfigError, match="'vflip'"):
-        eval_lib.evaluate(workdir, split="val", tta="hflip,vflip", progress=False)
+        evaluation.evaluate(workdir, split="val", tta="hflip,vflip", progress=False)
     with pytest.raises(ConfigError, match="'holes'"):
-        eval_lib.evaluate(workdir, split="val", postprocess="holes", progress=False)
+        evaluation.evaluate(workdir, split="val", postprocess="holes", progress=False)
 
 
 def test_postprocessed_submission_rows_are_the_cleaned_masks(workdir, kaggle_dir, tmp_path):
     out = str(tmp_path / "submission.csv")
-    eval_lib.evaluate(workdir, split="test", out=out, postprocess="clean", progress=False)
+    evaluation.evaluate(workdir, split="test", out=out, postprocess="clean", progress=False)
     with open(out, newline="") as f:
         rows = list(csv.reader(f))[1:]
     config, variables, apply_fn, _ = checkpoint.load_checkpoint(workdir)
@@ -218,7 +218,7 @@ def test_postprocessed_submission_rows_are_the_cleaned_masks(workdir, kaggle_dir
 
 def test_submission_lists_every_test_image_once_in_order_with_decodable_masks(workdir, kaggle_dir, tmp_path):
     out = str(tmp_path / "submission.csv")
-    eval_lib.evaluate(workdir, split="test", out=out, progress=False)
+    evaluation.evaluate(workdir, split="test", out=out, progress=False)
     with open(out, newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["img", "rle_mask"]
@@ -237,7 +237,7 @@ def test_a_missing_test_image_is_named_and_leaves_no_submission(workdir, kaggle_
     os.remove(data / "test" / victim)
     out = tmp_path / "submission.csv"
     with pytest.raises(kaggle.DataError, match=victim):
-        eval_lib.evaluate(workdir, split="test", data_dir=str(data), out=str(out), progress=False)
+        evaluation.evaluate(workdir, split="test", data_dir=str(data), out=str(out), progress=False)
     assert not out.exists()
 
 

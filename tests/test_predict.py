@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from carvana_jax import eval as eval_lib
+from carvana_jax import evaluation
 from carvana_jax import dice, inference, parallel, predict, rle, score, submission
 from carvana_jax.data import kaggle, pipeline
 from carvana_jax.models import unet
@@ -224,5 +224,5 @@ def test_eval_refuses_to_run_in_several_processes(monkeypatch, tmp_path):
     from carvana_jax.errors import ConfigError
     monkeypatch.setattr(parallel, "process_count", lambda: 2)
     with pytest.raises(ConfigError, match="one process"):
-        eval_lib.evaluate(str(tmp_path), split="test", out=str(tmp_path / "sub.csv"))
+        evaluation.evaluate(str(tmp_path), split="test", out=str(tmp_path / "sub.csv"))
     assert not (tmp_path / "sub.csv").exists()

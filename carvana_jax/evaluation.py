@@ -181,9 +181,3 @@ def main(argv) -> None:
     with cli.friendly_errors():
         evaluate(FLAGS.ckpt, FLAGS.split, FLAGS.data_dir, FLAGS.out, FLAGS.tta, FLAGS.step, FLAGS.data_source,
                  FLAGS.tfds_dir, FLAGS.threshold, num_workers=FLAGS.num_workers, postprocess=FLAGS.postprocess)
-
-
-if __name__ == "__main__":
-    from carvana_jax import cli
-    define_flags()
-    cli.run(main)
