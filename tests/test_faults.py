@@ -204,7 +204,7 @@ def test_a_full_disk_stops_training_in_one_line_with_the_earlier_checkpoints_int
         errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "No space left on device" in errors[0], told
         assert f"cannot write checkpoint 10 in {workdir / 'checkpoints'}: " in errors[0], errors
-        assert os.listdir(workdir / "checkpoints") == ["5"]  # nothing of the failed one
+        assert os.listdir(workdir / "checkpoints") == ["5"], told  # nothing of the failed one
         _, _, _, step = checkpoint.load_checkpoint(str(workdir))
         assert step == 5
     finally:
