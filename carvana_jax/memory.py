@@ -4,10 +4,10 @@
 
 The estimate adds what lives on a device at the step's peak, the start of the backward pass: parameters and
 BatchNorm statistics, the optimiser state, the gradients, the micro-batch, the activations the forward pass keeps
-for the backward one, and the gradients in flight. Activations are counted tensor by tensor like
-bench/train.py counts FLOPs. Checked against XLA's own buffer assignment (``compiled.memory_analysis()``) and
-the measured peak RSS of a CPU step (tests/test_memory.py), and against the peaks an H100 reported
-(BENCHMARKS.md, "Memory: estimate and measured").
+for the backward one, and the gradients in flight. Activations are counted tensor by tensor from the U-Net's own
+block specs (``UNet.block_specs``, which the FLOP count reads too). Checked against XLA's own buffer assignment
+(``compiled.memory_analysis()``) and the measured peak RSS of a CPU step (tests/test_memory.py), and against the
+peaks an H100 reported (BENCHMARKS.md, "Memory: estimate and measured").
 """
 from __future__ import annotations
 
