@@ -3,6 +3,9 @@ compare a 1-device mesh with a 4-device one in the same process."""
 import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
+# The warp's strip width is otherwise measured on first use and may differ between two processes measuring at
+# once; the tests fix it (tests/test_warp_strip.py tests the measuring).
+os.environ.setdefault("CARVANA_WARP_STRIP", "64")
 
 import tempfile  # noqa: E402
 

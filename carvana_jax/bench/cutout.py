@@ -27,7 +27,7 @@ import time
 import urllib.request
 
 from carvana_jax import cutout, cutter, predict
-from carvana_jax.bench.pipeline import cpu_name
+from carvana_jax.data.warp_strip import cpu_name
 
 
 def _jobs(folder: str, n: int) -> list:

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import statistics
 import time
 
+import cv2
 import numpy as np
 
 from carvana_jax import rle
 from carvana_jax.data import augment, kaggle, pipeline
+from carvana_jax.data.warp_strip import cpu_name, warp_in_strips, warp_strip
 
 # ---------------------------------------------------------------------------------------- examples
 
@@ -236,7 +237,6 @@ def _numpy_jitter(image: np.ndarray, p: augment.AugmentParams) -> np.ndarray:
 
 
 def _whole_warp(array, matrix, dst_hw):
-    import cv2
     return cv2.warpAffine(array, matrix[:2], (dst_hw[1], dst_hw[0]), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
 
@@ -285,12 +285,17 @@ def stage_times(examples, config, photos: int = 12, repeats: int = 3) -> dict:
     alternatives["warp_image_whole"] = _best_ms(lambda it: _whole_warp(it["photo"], it["matrix"], hw), items, repeats)
     alternatives["warp_mask_whole"] = _best_ms(
         lambda it: _whole_warp(it["mask255"], it["mask_matrix"], hw), items, repeats)
+    for strip in (64, 128):
+        alternatives[f"warp_image_strips{strip}"] = _best_ms(lambda it, strip=strip: warp_in_strips(
+            it["photo"], it["matrix"], hw, np.empty_like(it["image"]), cv2.BORDER_REPLICATE, strip), items, repeats)
     alternatives["jitter_numpy"] = _best_ms(lambda it: _numpy_jitter(it["image"], it["params"]), items, repeats)
     first = items[0]
     return {"stages_ms": stages, "stage_sum_ms": sum(stages.values()), "alternatives_ms": alternatives,
             "full_hw": list(first["full_hw"]), "decoded_hw": list(first["photo"].shape[:2]),
             "dct_scale": augment.dct_scale(first["full_hw"], hw),
             "mask_source": "rle" if first["parts"].mask.rle is not None else "gif",
+            "warp_strip": {"image": warp_strip(first["photo"].shape, hw),
+                           "mask": warp_strip(first["mask255"].shape, hw)},
             "stage_photos": len(items)}
 
 
@@ -305,22 +310,10 @@ def _with(config, **changes):
     return c
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def bench_pipeline(config, *, data_dir: str | None, image_size, num_workers: int, batches: int,
                    batch_size: int | None = None, dump: str | None = None, rounds: int = 1,
                    baseline: bool = True, stage_photos: int = 12) -> dict:
     """Everything in the module doc, as one dict (JSON-ready)."""
-    import cv2
     import grain
     import PIL
 
@@ -406,7 +399,9 @@ def print_table(r: dict) -> None:
         steal = max(m["steal_cpus"] for m in r["measurements"])
         print(f"other load while timing: up to {r['max_other_cpus']:.2f} CPUs busy with other processes, "
               f"up to {steal:.2f} stolen by the host" + ("  (figures disturbed)" if r["max_other_cpus"] > 0.2 else ""))
-    print(f"\nstages, in-process, ms per image (best of 3 passes over {r['stage_photos']} photos):")
+    chosen = {what: f"in strips of {strip} columns" if strip else "whole" for what, strip in r["warp_strip"].items()}
+    print(f"\nstages, in-process, ms per image (best of 3 passes over {r['stage_photos']} photos; this CPU's "
+          f"choice of warps: the image {chosen['image']}, the mask {chosen['mask']}):")
     for name, ms in r["stages_ms"].items():
         print(f"  {name:14s} {ms:7.2f}")
     print(f"  {'sum':14s} {r['stage_sum_ms']:7.2f}")

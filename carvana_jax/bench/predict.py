@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 from carvana_jax import parallel, predict, rle, submission
-from carvana_jax.bench.pipeline import CpuMeter, cpu_name
+from carvana_jax.bench.pipeline import CpuMeter
+from carvana_jax.data.warp_strip import cpu_name
 from carvana_jax.data import pipeline, sources
 
 SHAPE = rle.FULL_SHAPE

@@ -13,10 +13,11 @@ Where the time goes, and why it is spent this way (figures: BENCHMARKS.md, ``ben
 - Mask: from its RLE when one is known (Kaggle's train_masks.csv, or the TFDS example's
   ``mask_rle``): a few hundred runs expanded with ``np.repeat`` (~0.2 ms), against ~6 ms to
   decode the LZW-compressed GIF. The GIF is read only when there is no RLE.
-- Warp: ``cv2.warpAffine`` in column strips of the output. With a rotation of a few degrees a
-  whole-image warp reads the 7 MB source along slanted lines the hardware prefetcher cannot follow;
-  narrow strips make it walk the source top to bottom (~20% faster at 768×768, same pixels to
-  within OpenCV's fixed-point rounding).
+- Warp: ``cv2.warpAffine`` in column strips of the output, or whole, whichever this CPU does faster
+  (data/warp_strip.py measures it once and caches the choice). With a rotation of a few degrees a
+  whole-image warp reads the 7 MB source along slanted lines; narrow strips walk it top to bottom, which
+  some CPUs' prefetchers reward and others do not. The pixels are the same to within OpenCV's
+  fixed-point rounding.
 - Colour jitter: brightness, contrast and saturation are one 3×4 colour matrix, applied in place
   by ``cv2.transform`` (~20× faster than the float32 NumPy version).
 - Outputs can be written into caller-given arrays (``out_image``, ``out_mask``).
@@ -34,14 +35,13 @@ import numpy as np
 from PIL import Image
 
 from carvana_jax import rle
+from carvana_jax.data.warp_strip import warp_in_strips, warp_strip
 from carvana_jax.errors import DataError
 
 cv2.setNumThreads(1)  # grain parallelises over images; OpenCV threads would fight it for cores
 
 Source = Union[str, os.PathLike, bytes]  # a file's path, or the file's bytes
 
-# Output columns per cv2.warpAffine call: the source is then read in narrow bands, top to bottom.
-WARP_STRIP = 64
 # OpenCV's flags for an RGB decode at 1/k scale; EXIF orientation is ignored, as PIL ignores it.
 _CV2_FLAGS = {k: cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | reduced
               for k, reduced in ((1, 0), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
@@ -315,18 +315,12 @@ class MaskSource:
 def warp(array: np.ndarray, matrix: np.ndarray, dst_hw: tuple[int, int], out: np.ndarray | None = None,
          border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
     """Bilinear warp by a 3×3 forward matrix; pixels from outside ``array`` follow the cv2 ``border`` mode
-    (default: the edge pixels repeated; ``fit_border``). Done in column strips of WARP_STRIP output pixels
-    (see the module doc); written into ``out`` when given."""
+    (default: the edge pixels repeated; ``fit_border``). In column strips or whole, as this CPU does such a
+    warp faster (``warp_strip``); written into ``out`` when given."""
     h, w = dst_hw
     if out is None:
         out = np.empty((h, w) + array.shape[2:], array.dtype)
-    strip = matrix[:2].astype(np.float64)  # copy: the strip offset goes into its last column
-    for x0 in range(0, w, WARP_STRIP):
-        x1 = min(x0 + WARP_STRIP, w)
-        strip[0, 2] = matrix[0, 2] - x0
-        cv2.warpAffine(array, strip, (x1 - x0, h), dst=out[:, x0:x1], flags=cv2.INTER_LINEAR,
-                       borderMode=border)
-    return out
+    return warp_in_strips(array, matrix, dst_hw, out, border, warp_strip(array.shape, dst_hw))
 
 
 def _warp_mask255(mask255: np.ndarray, matrix, dst_hw, out=None, border: int = cv2.BORDER_REPLICATE

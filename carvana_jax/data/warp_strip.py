@@ -1,0 +1,143 @@
+"""How wide the column strips of ``augment.warp`` are on this CPU: chosen by measurement, then cached.
+
+``cv2.warpAffine`` of a slightly rotated photo reads its source along slanted lines; narrow output strips make it
+walk the source top to bottom. Whether that pays depends on the CPU and on the sizes: on the AMD EPYC of
+BENCHMARKS.md one whole warp is fastest from a 1/2-scale decode to 768×768 (1.56 ms against 1.74 in strips of 64),
+strips of 128 from the full photo to 1024×1024 (4.05 against 4.47 whole); on an Intel Xeon one whole warp was 1.8×
+faster than strips of 64 at 768×768. So the first warp of a kind (channels, and source and output sizes to the
+nearest power of two of their pixel counts) on a machine times each candidate on arrays of its shapes and writes
+the winner to ``cache_path()``, under the CPU's model name and OpenCV's version; every later one, in any process,
+reads it. ``CARVANA_WARP_STRIP=N`` (0: one whole warp) overrides. The pixels agree to OpenCV's fixed-point
+rounding (±1, rarely) whichever is chosen.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+
+import cv2
+import numpy as np
+
+ENV = "CARVANA_WARP_STRIP"
+CANDIDATES = (64, 128, 0)  # output columns per warpAffine call; 0: the whole image at once
+_DEGREES = 4.0  # the measured warp's rotation: the training pipeline's typical few degrees
+_chosen: dict[str, int] = {}  # this process's choices, by kind of warp
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "carvana_jax", "warp_strip.json")
+
+
+def _machine_key() -> str:
+    return f"{cpu_name()} | opencv {cv2.__version__}"
+
+
+def kind(src_shape, dst_hw) -> str:
+    """A warp's kind: its channels and the sizes of its source and output, to the nearest power of two of their
+    pixel counts (photos of any size fall into a few kinds)."""
+    channels = src_shape[2] if len(src_shape) > 2 else 1
+    return (f"{channels}ch {round(math.log2(max(src_shape[0] * src_shape[1], 1)))}"
+            f"->{round(math.log2(max(dst_hw[0] * dst_hw[1], 1)))}")
+
+
+def warp_in_strips(array: np.ndarray, matrix: np.ndarray, dst_hw, out: np.ndarray, border: int, strip: int
+                   ) -> np.ndarray:
+    """``cv2.warpAffine`` by the 3×3 forward ``matrix`` into ``out``, ``strip`` output columns a call (0: one)."""
+    h, w = dst_hw
+    step = strip or w
+    part = matrix[:2].astype(np.float64)  # copy: the strip offset goes into its last column
+    for x0 in range(0, w, step):
+        x1 = min(x0 + step, w)
+        part[0, 2] = matrix[0, 2] - x0
+        cv2.warpAffine(array, part, (x1 - x0, h), dst=out[:, x0:x1], flags=cv2.INTER_LINEAR, borderMode=border)
+    return out
+
+
+def measure(src_shape, dst_hw, candidates=CANDIDATES, repeats: int = 5) -> dict[int, float]:
+    """Best-of-``repeats`` seconds of a warp from a ``src_shape`` array to ``dst_hw`` for each candidate strip
+    width, the candidates alternated so that a busy moment of the machine falls on all of them alike."""
+    src = np.random.default_rng(0).integers(0, 256, tuple(src_shape), dtype=np.uint8)
+    rotation = cv2.getRotationMatrix2D((src_shape[1] / 2, src_shape[0] / 2), _DEGREES, dst_hw[0] / src_shape[0])
+    matrix = np.vstack([rotation, [0.0, 0.0, 1.0]])
+    out = np.empty(tuple(dst_hw) + tuple(src_shape[2:]), np.uint8)
+    best = {strip: float("inf") for strip in candidates}
+    for _ in range(repeats):
+        for strip in candidates:
+            start = time.perf_counter()
+            warp_in_strips(src, matrix, dst_hw, out, cv2.BORDER_REPLICATE, strip)
+            best[strip] = min(best[strip], time.perf_counter() - start)
+    return best
+
+
+def _read_cache() -> dict:
+    try:
+        with open(cache_path()) as f:
+            cached = json.load(f)
+        return cached if isinstance(cached, dict) else {}
+    except (OSError, ValueError):  # absent, unreadable or not JSON: measured again and rewritten
+        return {}
+
+
+def _write_cache(cached: dict) -> None:
+    """Written whole or not at all (a temporary file renamed into place); a read-only home only costs a
+    measurement per process."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".warp_strip-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cached, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _override() -> int | None:
+    if not os.environ.get(ENV):
+        return None
+    strip = int(os.environ[ENV])
+    if strip < 0:
+        raise ValueError(f"{ENV} must be 0 (one whole warp) or a positive number of columns, got {strip}")
+    return strip
+
+
+def warp_strip(src_shape, dst_hw) -> int:
+    """The strip width for a warp from a ``src_shape`` array to ``dst_hw``: $CARVANA_WARP_STRIP, else this
+    machine's cached choice for the warp's kind, else the fastest candidate by ``measure()`` (then cached)."""
+    override = _override()
+    if override is not None:
+        return override
+    key = kind(src_shape, dst_hw)
+    if key in _chosen:
+        return _chosen[key]
+    cached = _read_cache()
+    machine = cached.get(_machine_key())
+    machine = machine if isinstance(machine, dict) else {}
+    entry = machine.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("strip"), int) and entry["strip"] >= 0:
+        _chosen[key] = entry["strip"]
+        return entry["strip"]
+    seconds = measure(src_shape, dst_hw)
+    strip = min(seconds, key=seconds.get)
+    machine[key] = {"strip": strip, "ms": {str(k): round(v * 1e3, 3) for k, v in seconds.items()}}
+    cached[_machine_key()] = machine
+    _write_cache(cached)
+    _chosen[key] = strip
+    return strip
