@@ -62,6 +62,11 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(fresh, monkeypatch):
     assert [v["strip"] for kinds in _cached().values() for v in kinds.values()] == [64]
 
 
+def test_a_near_tie_keeps_the_default(fresh, monkeypatch):
+    monkeypatch.setattr(warp_strip, "measure", _timings({64: 0.0040, 128: 0.0039, 0: 0.0037}))
+    assert warp_strip.warp_strip(PHOTO, DST) == warp_strip.DEFAULT  # 7.5% faster is within the margin
+
+
 def test_the_environment_overrides_and_a_negative_width_is_refused(fresh, monkeypatch):
     monkeypatch.setattr(warp_strip, "measure", _timings(None))
     monkeypatch.setenv(warp_strip.ENV, "32")

@@ -6,8 +6,8 @@ BENCHMARKS.md one whole warp is fastest from a 1/2-scale decode to 768×768 (1.5
 strips of 128 from the full photo to 1024×1024 (4.05 against 4.47 whole); on an Intel Xeon one whole warp was 1.8×
 faster than strips of 64 at 768×768. So the first warp of a kind (channels, and source and output sizes to the
 nearest power of two of their pixel counts) on a machine times each candidate on arrays of its shapes and writes
-the winner to ``cache_path()``, under the CPU's model name and OpenCV's version; every later one, in any process,
-reads it. ``CARVANA_WARP_STRIP=N`` (0: one whole warp) overrides. The pixels agree to OpenCV's fixed-point
+the winner (if it beats strips of 64, the old default, by more than 10%) to ``cache_path()``, under the CPU's model
+name and OpenCV's version; every later one, in any process, reads it. ``CARVANA_WARP_STRIP=N`` (0: one whole warp) overrides. The pixels agree to OpenCV's fixed-point
 rounding (±1, rarely) whichever is chosen.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import numpy as np
 
 ENV = "CARVANA_WARP_STRIP"
 CANDIDATES = (64, 128, 0)  # output columns per warpAffine call; 0: the whole image at once
+DEFAULT = 64  # kept unless another candidate is clearly faster: near-ties are noise, and would make two machines
+MARGIN = 0.9  # (or two runs) warp the same photo differently for nothing
 _DEGREES = 4.0  # the measured warp's rotation: the training pipeline's typical few degrees
 _chosen: dict[str, int] = {}  # this process's choices, by kind of warp
 
@@ -120,7 +122,8 @@ def _override() -> int | None:
 
 def warp_strip(src_shape, dst_hw) -> int:
     """The strip width for a warp from a ``src_shape`` array to ``dst_hw``: $CARVANA_WARP_STRIP, else this
-    machine's cached choice for the warp's kind, else the fastest candidate by ``measure()`` (then cached)."""
+    machine's cached choice for the warp's kind, else by ``measure()`` (then cached) the fastest candidate if it
+    beats DEFAULT by more than 10%, else DEFAULT."""
     override = _override()
     if override is not None:
         return override
@@ -135,7 +138,8 @@ def warp_strip(src_shape, dst_hw) -> int:
         _chosen[key] = entry["strip"]
         return entry["strip"]
     seconds = measure(src_shape, dst_hw)
-    strip = min(seconds, key=seconds.get)
+    fastest = min(seconds, key=seconds.get)
+    strip = fastest if seconds[fastest] < MARGIN * seconds[DEFAULT] else DEFAULT
     machine[key] = {"strip": strip, "ms": {str(k): round(v * 1e3, 3) for k, v in seconds.items()}}
     cached[_machine_key()] = machine
     _write_cache(cached)
