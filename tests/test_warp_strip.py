@@ -67,6 +67,11 @@ def test_a_near_tie_keeps_the_default(fresh, monkeypatch):
     assert warp_strip.warp_strip(PHOTO, DST) == warp_strip.DEFAULT  # 7.5% faster is within the margin
 
 
+def test_a_small_output_keeps_the_default_unmeasured(fresh, monkeypatch):
+    monkeypatch.setattr(warp_strip, "measure", _timings(None))
+    assert warp_strip.warp_strip((160, 240, 3), (128, 192)) == warp_strip.DEFAULT
+
+
 def test_the_environment_overrides_and_a_negative_width_is_refused(fresh, monkeypatch):
     monkeypatch.setattr(warp_strip, "measure", _timings(None))
     monkeypatch.setenv(warp_strip.ENV, "32")

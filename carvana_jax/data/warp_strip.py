@@ -1,14 +1,16 @@
 """How wide the column strips of ``augment.warp`` are on this CPU: chosen by measurement, then cached.
 
 ``cv2.warpAffine`` of a slightly rotated photo reads its source along slanted lines; narrow output strips make it
-walk the source top to bottom. Whether that pays depends on the CPU and on the sizes: on the AMD EPYC of
-BENCHMARKS.md one whole warp is fastest from a 1/2-scale decode to 768×768 (1.56 ms against 1.74 in strips of 64),
-strips of 128 from the full photo to 1024×1024 (4.05 against 4.47 whole); on an Intel Xeon one whole warp was 1.8×
-faster than strips of 64 at 768×768. So the first warp of a kind (channels, and source and output sizes to the
-nearest power of two of their pixel counts) on a machine times each candidate on arrays of its shapes and writes
-the winner (if it beats strips of 64, the old default, by more than 10%) to ``cache_path()``, under the CPU's model
-name and OpenCV's version; every later one, in any process, reads it. ``CARVANA_WARP_STRIP=N`` (0: one whole warp) overrides. The pixels agree to OpenCV's fixed-point
-rounding (±1, rarely) whichever is chosen.
+walk the source top to bottom. Whether that pays depends on the CPU, the sizes and the channels: on this project's
+AMD EPYC, warping 1918×1280 photos to 768×768, strips of 128 columns take 2.6 ms where one whole warp takes 6.6, but
+a mask warps fastest whole (1.1 against 1.7 ms in strips of 64); on an Intel Xeon one whole warp of a photo was
+1.8× faster than strips of 64 (BENCHMARKS.md, "Input pipeline"). So the first warp of a kind (channels, and source
+and output sizes to the nearest power of two of their pixel counts) on a machine times each candidate on arrays of
+its shapes and writes the winner — if it beats strips of 64, the old default, by more than 10% — to
+``cache_path()``, under the CPU's model name and OpenCV's version; every later one, in any process, reads it.
+Outputs under 512×512 pixels keep strips of 64 (they cost little either way, and the CPU configs' numbers stay
+those of every machine). ``CARVANA_WARP_STRIP=N`` (0: one whole warp) overrides. The pixels agree to OpenCV's
+fixed-point rounding (±1, rarely) whichever is chosen.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ ENV = "CARVANA_WARP_STRIP"
 CANDIDATES = (64, 128, 0)  # output columns per warpAffine call; 0: the whole image at once
 DEFAULT = 64  # kept unless another candidate is clearly faster: near-ties are noise, and would make two machines
 MARGIN = 0.9  # (or two runs) warp the same photo differently for nothing
+MIN_PIXELS = 1 << 18  # smaller outputs (the CPU configs' 128×192, 256×384) take well under a millisecond either way
 _DEGREES = 4.0  # the measured warp's rotation: the training pipeline's typical few degrees
+_SOURCES_BYTES = 64 << 20  # the measured sources together: more than a last-level cache holds
 _chosen: dict[str, int] = {}  # this process's choices, by kind of warp
 
 
@@ -72,19 +76,36 @@ def warp_in_strips(array: np.ndarray, matrix: np.ndarray, dst_hw, out: np.ndarra
     return out
 
 
-def measure(src_shape, dst_hw, candidates=CANDIDATES, repeats: int = 5) -> dict[int, float]:
-    """Best-of-``repeats`` seconds of a warp from a ``src_shape`` array to ``dst_hw`` for each candidate strip
-    width, the candidates alternated so that a busy moment of the machine falls on all of them alike."""
-    src = np.random.default_rng(0).integers(0, 256, tuple(src_shape), dtype=np.uint8)
-    rotation = cv2.getRotationMatrix2D((src_shape[1] / 2, src_shape[0] / 2), _DEGREES, dst_hw[0] / src_shape[0])
-    matrix = np.vstack([rotation, [0.0, 0.0, 1.0]])
+def _resize_and_turn(src_hw, dst_hw, degrees: float) -> np.ndarray:
+    """The 3×3 map of a photo resized to ``dst_hw`` (each axis on its own, as fit='resize' does) and turned by
+    ``degrees`` about the centre."""
+    (sh, sw), (dh, dw) = src_hw, dst_hw
+    def shift(x, y):
+        return np.array([[1.0, 0.0, x], [0.0, 1.0, y], [0.0, 0.0, 1.0]])
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    turn = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    scale = np.diag([dw / sw, dh / sh, 1.0])
+    return shift(dw / 2, dh / 2) @ turn @ scale @ shift(-sw / 2, -sh / 2)
+
+
+def measure(src_shape, dst_hw, candidates=CANDIDATES, repeats: int = 3) -> dict[int, float]:
+    """Best-of-``repeats`` seconds of warps from ``src_shape`` arrays to ``dst_hw`` for each candidate strip
+    width, the candidates alternated so that a busy moment of the machine falls on all of them alike. Each pass
+    warps several distinct sources, together larger than a CPU's last-level cache, half of them mirrored, each resized
+    to ``dst_hw`` and turned a few degrees, as the pipeline warps photos just decoded: the same source warped again
+    and again would sit in the cache, and a uniform scale would read other spans of it; either changes the winner."""
+    count = int(min(16, max(3, -(-_SOURCES_BYTES // max(int(np.prod(src_shape)), 1)))))
+    sources = [np.full(tuple(src_shape), i, np.uint8) for i in range(count)]
+    plain = _resize_and_turn(src_shape[:2], dst_hw, _DEGREES)
+    mirrored = np.array([[-1.0, 0.0, dst_hw[1] - 1], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ plain
     out = np.empty(tuple(dst_hw) + tuple(src_shape[2:]), np.uint8)
     best = {strip: float("inf") for strip in candidates}
     for _ in range(repeats):
         for strip in candidates:
             start = time.perf_counter()
-            warp_in_strips(src, matrix, dst_hw, out, cv2.BORDER_REPLICATE, strip)
-            best[strip] = min(best[strip], time.perf_counter() - start)
+            for i, src in enumerate(sources):
+                warp_in_strips(src, plain if i % 2 else mirrored, dst_hw, out, cv2.BORDER_REPLICATE, strip)
+            best[strip] = min(best[strip], (time.perf_counter() - start) / count)
     return best
 
 
@@ -123,10 +144,12 @@ def _override() -> int | None:
 def warp_strip(src_shape, dst_hw) -> int:
     """The strip width for a warp from a ``src_shape`` array to ``dst_hw``: $CARVANA_WARP_STRIP, else this
     machine's cached choice for the warp's kind, else by ``measure()`` (then cached) the fastest candidate if it
-    beats DEFAULT by more than 10%, else DEFAULT."""
+    beats DEFAULT by more than 10%, else DEFAULT. Outputs under MIN_PIXELS keep DEFAULT unmeasured."""
     override = _override()
     if override is not None:
         return override
+    if dst_hw[0] * dst_hw[1] < MIN_PIXELS:
+        return DEFAULT
     key = kind(src_shape, dst_hw)
     if key in _chosen:
         return _chosen[key]
