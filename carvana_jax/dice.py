@@ -21,11 +21,6 @@ def per_image(pred, truth, xp=jnp):
     return xp.where(total == 0, 1.0, 2.0 * intersection / xp.maximum(total, 1))
 
 
-def of_pair(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of one binary mask pair, on the host."""
-    return float(per_image(pred[None], truth[None], xp=np)[0])
-
-
 def of_packed(packed: np.ndarray, truth: np.ndarray) -> float:
     """Dice of a bit-packed predicted mask against a binary truth mask of the same pixels, counted with
     popcounts on the packed bytes."""

@@ -57,7 +57,7 @@ def test_hard_dice_by_hand():
     pred = np.array([[1, 1, 0, 0]], bool)
     truth = np.array([[0, 1, 1, 0]], bool)
     # |A∩B| = 1, |A| + |B| = 4 → 2·1/4
-    assert dice.of_pair(pred[0], truth[0]) == pytest.approx(0.5)
+    assert float(dice.per_image(pred[0][None], truth[0][None], xp=np)[0]) == pytest.approx(0.5)
     np.testing.assert_allclose(dice.per_image(jnp.asarray(pred), jnp.asarray(truth)), [0.5])
 
 

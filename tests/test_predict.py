@@ -86,7 +86,7 @@ def test_dice_of_packed_masks_is_the_competition_dice():
                         (np.zeros((8, 8), bool), np.zeros((8, 8), bool)),
                         (np.zeros((8, 8), bool), np.ones((8, 8), bool))]:
         got = dice.of_packed(np.packbits(pred.reshape(-1)), truth.astype(np.uint8))
-        assert got == pytest.approx(dice.of_pair(pred, truth), abs=1e-12)
+        assert got == pytest.approx(float(dice.per_image(pred[None], truth[None], xp=np)[0]), abs=1e-12)
 
 
 def test_load_at_sizes_equals_each_sizes_own_eval_pipeline(test_records):
