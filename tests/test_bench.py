@@ -118,9 +118,12 @@ def test_torch_flag_without_torch_says_how_to_install(tmp_path):
 def test_train_benchmark_prints_json():
     # depth 1 (the demo's is 4): fewer convs for the benchmark's uncached compile to build
     proc = _run("train", "--config", "configs/demo.py", "--config.model.features=4", "--config.model.depth=1",
-                "--config.image_size=(32,48)", "--steps", "2", "--warmup", "1", "--json")
+                "--config.image_size=(32,48)", "--steps", "2", "--warmup", "1", "--json", "--ops")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ops = dict(result["ops_ms_per_step"])  # a real trace of the real step: its convolutions, both passes
+    assert ops["forward conv_general_dilated"] > 0 and all(ms >= 0 for ms in ops.values())
+    assert any(k.startswith("backward ") for k in ops)
     assert result["images_per_sec"] > 0 and result["ms_per_step_median"] > 0
     assert result["device_count"] == 2 and result["batch_size"] == 8
     assert result["param_count"] > 0 and result["forward_gflop_per_image"] > 0

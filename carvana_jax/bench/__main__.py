@@ -49,6 +49,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_bool("torch", False, "Also time the same U-Net in PyTorch eager on the CPU, side by side.")
+    flags.DEFINE_bool("ops", False, "train: also trace 3 steps with jax.profiler and print where their time goes, "
+                      "by the model operation each kernel runs (forward/backward convolutions, norms, …).")
     flags.DEFINE_bool("xla_cache", False,
                       "Use the persistent XLA compilation cache (then 'compile' may time a cache load).")
     # pipeline
@@ -97,7 +99,7 @@ def cmd_train() -> None:
     if not FLAGS.xla_cache:
         jax.config.update("jax_enable_compilation_cache", False)  # time a real compile, not a cache load
     with cli.friendly_errors():
-        result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch)
+        result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch, FLAGS.ops)
     if FLAGS.json:
         print(json.dumps(result))
     else:

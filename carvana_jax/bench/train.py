@@ -56,7 +56,7 @@ def _timed(fn: Callable) -> float:
     return time.perf_counter() - start
 
 
-def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
+def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -133,6 +133,9 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool) -> dict:
         "host_peak_growth_gb": host_growth / 1e9 if host_growth is not None else None,
         **_summary(jax_times, config.batch_size, flops),
     }
+    if ops:  # after the timing, so that the profiler's own cost is in no timed step
+        from carvana_jax.bench import op_profile
+        result["ops_ms_per_step"] = op_profile.profile_step(jax_step, compiled.as_text())
     if with_torch:
         import torch
         t = _summary(torch_times, config.batch_size, flops)
@@ -159,6 +162,12 @@ def print_train_table(r: dict) -> None:
               f"{r[p + 'ms_per_step_mean']:13.1f} {r[p + 'gflops_per_sec']:8.2f}")
     if "jax_over_torch" in r:
         print(f"JAX / torch (images/s, same run, steps alternated): {r['jax_over_torch']:.2f}x")
+    if "ops_ms_per_step" in r:
+        table = r["ops_ms_per_step"]
+        print(f"where a step's time goes (jax.profiler, 3 steps; kernels summed by operation, "
+              f"{sum(ms for _, ms in table):.1f} ms in all — kernels may overlap):")
+        for where, ms in table[:20]:
+            print(f"  {where:44s} {ms:8.2f} ms")
     print(r["memory_summary"])
     print(f"memory per device: estimate {_gb(r['memory_estimate_gb'])}   peak reported by the device "
           f"{_gb(r['peak_memory_gb'])}   XLA memory_analysis {_gb(r['xla_memory_gb'])}")
