@@ -69,6 +69,11 @@ def _from_orbax(filename: str) -> bool:
     return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in filename
 
 
+def _raised_in_orbax(tb) -> bool:
+    """Whether a traceback passes through orbax's code."""
+    return any(_from_orbax(f.filename) for f in (traceback.extract_tb(tb) if tb else []))
+
+
 def _drop_orbax_errors(record) -> bool:
     return not (record.levelno >= absl_logging.ERROR and _from_orbax(record.pathname))
 
@@ -90,8 +95,7 @@ def quiet_background_save_errors() -> None:
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
 
     def on_thread_error(args):
-        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
-        if not any(_from_orbax(f.filename) for f in frames):
+        if not _raised_in_orbax(args.exc_traceback):
             thread_hook(args)
 
     def on_unraisable(args):
@@ -111,14 +115,15 @@ def _abandoned_reads_dropped():
     previous = sys.unraisablehook
 
     def on_unraisable(args):
-        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
-        if not any(_from_orbax(f.filename) for f in frames):
+        if not _raised_in_orbax(args.exc_traceback):
             previous(args)
 
     sys.unraisablehook = on_unraisable
     try:
         yield
     finally:
+        # Also after a restore that succeeds: a failed one's reads are freed only once its exception is handled,
+        # so the next restore (of the checkpoint before) is where they are collected.
         gc.collect()
         sys.unraisablehook = previous
 
