@@ -84,6 +84,22 @@ def resume_point(data_state: dict | None) -> tuple[int, dict | None]:
     return 0, data_state
 
 
+def coarse_config(config):
+    """The config of the first ``coarse_steps`` updates: the input at ``coarse_image_size``, and the boundary
+    band, which is counted in model pixels, narrowed with it so it covers the same share of the car."""
+    coarse = config.copy_and_resolve_references()
+    coarse.image_size = tuple(config.coarse_image_size)
+    scale = coarse.image_size[0] / config.image_size[0]
+    coarse.loss_boundary_width = max(1, round(config.loss_boundary_width * scale))
+    return coarse
+
+
+def config_at(config, update: int):
+    """The config that trains the update after ``update``: coarse (``coarse_config``) for the first
+    ``coarse_steps``, then ``config`` itself."""
+    return coarse_config(config) if update < config.get("coarse_steps", 0) else config
+
+
 def step_function(config, mesh):
     """The data-parallel train step ``config`` trains with: its loss (boundary weighting included), learning-rate
     schedule, soft-mask scale and EMA (bench train times this same step)."""
@@ -134,16 +150,24 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, prog
         _, state, data_state = ckpt.restore_newest_readable(state, say=lambda line: print(line, file=sys.stderr))
 
     position, legacy_state = resume_point(data_state)
-    data_iter = iter(pipeline.train_dataset(train_records, config, parallel.process_index(),
-                                            parallel.process_count(), start=position))
+    update = int(jax.device_get(state.update_step))
+    stage = config_at(config, update)
+
+    def open_stream(stage_config, start):
+        data_iter = iter(pipeline.train_dataset(train_records, stage_config, parallel.process_index(),
+                                                parallel.process_count(), start=start))
+        return data_iter, parallel.prefetch_to_mesh(data_iter, mesh, config.prefetch_batches)
+
+    if legacy_state is not None and stage is not config:
+        raise CheckpointError(f"{workdir}'s checkpoint holds a worker pool's pipeline state, from before "
+                              "coarse_steps existed: resume it with --config.coarse_steps=0")
+    data_iter, batches = open_stream(stage, position)
     if legacy_state is not None:
         data_iter.set_state(legacy_state)
         position = None  # unknown: such a run goes on saving grain's state
-    batches = parallel.prefetch_to_mesh(data_iter, mesh, config.prefetch_batches)
-    step_fn = step_function(config, mesh)
+    step_fn = step_function(stage, mesh)
 
     accum, total = config.grad_accum_steps, config.num_train_steps
-    update = int(jax.device_get(state.update_step))
     end = total if stop_after is None else min(total, stop_after)
     images_per_update = config.batch_size * accum
     bar = tqdm(total=total, initial=update, unit="step", desc="train",
@@ -155,6 +179,11 @@ def _train_and_evaluate(config, workdir: str, mesh, stop_after: int | None, prog
     window_time, window_update = time.perf_counter(), update  # images/s over the last log window
     try:
         while update < end:
+            if stage is not config and update >= config.coarse_steps:  # the coarse updates are done
+                data_iter.close()
+                stage = config
+                data_iter, batches = open_stream(stage, position)
+                step_fn = step_function(stage, mesh)
             profile.before_update(update)
             pending = []
             with memory.out_of_memory_explained(config, mesh.devices.size):

@@ -2,7 +2,7 @@
 
 Keys (all overridable as --config.KEY=VALUE; an unknown key is an error):
   data_dir, data_source, tfds_dir, seed, image_size (H, W), batch_size (global), grad_accum_steps,
-  num_train_steps (optimiser updates), val_fraction, val_cars, learning_rate, warmup_steps, optimizer,
+  num_train_steps (optimiser updates), coarse_steps, coarse_image_size, val_fraction, val_cars, learning_rate, warmup_steps, optimizer,
   weight_decay, grad_clip_norm, checkpoint_every, eval_every, keep_checkpoints, log_every,
   num_workers, skip_bad_files, loss, loss_boundary_*, soft_masks, ema_decay, pseudo_*, tta, postprocess, fit,
   threshold, num_plot_images, tensorboard, profile_steps, model.*, augment.*.
@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 4                  # global batch over all devices and processes, per micro-step
     c.grad_accum_steps = 1            # micro-steps per optimiser update (optax.MultiSteps)
     c.num_train_steps = 20_000        # optimiser updates (not micro-steps)
+    c.coarse_steps = 0                # the first this many updates train at coarse_image_size (progressive
+                                      # resizing: cheap early updates learn the shapes); 0 = off
+    c.coarse_image_size = ()          # (H, W) of those updates, ≤ image_size; the boundary band scales with it
     c.val_fraction = 0.0              # share of CARS held out; 0 trains on everything, as the seed did
     c.val_cars = ()                   # car ids to hold out instead (needs val_fraction=0; cv's folds set it)
     c.learning_rate = 1e-3

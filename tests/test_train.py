@@ -10,7 +10,8 @@ from helpers import shared_model
 
 from carvana_jax import checkpoint, parallel, train
 from carvana_jax.checkpoint import Checkpointer
-from carvana_jax.errors import CheckpointError
+from carvana_jax.config import validate_config
+from carvana_jax.errors import CheckpointError, ConfigError
 
 
 @pytest.fixture
@@ -135,3 +136,43 @@ def test_evaluation_defaults_to_the_checkpoint_with_the_best_val_dice(tiny_confi
     assert {step: ckpt.manager.metrics(step)["val_dice"] for step in (2, 4)} == scores  # stored with each checkpoint
     assert ckpt.best_step() == max(scores, key=scores.get)
     assert checkpoint.load_checkpoint(workdir)[3] == max(scores, key=scores.get)
+
+
+@pytest.mark.slow
+def test_coarse_updates_train_at_their_size_and_resume_on_either_side_of_the_switch(tiny_config, tmp_path):
+    tiny_config.update(num_train_steps=4, eval_every=4, checkpoint_every=2, val_fraction=0.0)
+    tiny_config.update(coarse_steps=2, coarse_image_size=(16, 24))  # tiny_config trains at 32×48
+    whole = train.train_and_evaluate(tiny_config, str(tmp_path / "whole"), progress=False)
+    for stop in (1, 3):  # pre-empted during the coarse updates, and after the switch
+        workdir = str(tmp_path / f"stopped_at_{stop}")
+        train.train_and_evaluate(tiny_config, workdir, stop_after=stop, progress=False)
+        resumed = train.train_and_evaluate(tiny_config, workdir, progress=False)
+        _assert_trees_equal(_params(resumed), _params(whole))
+    # The coarse updates are those of a run at the coarse size (the same schedule, stream and seed) ...
+    small = tiny_config.copy_and_resolve_references()
+    small.update(coarse_steps=0, image_size=(16, 24))
+    small_run = train.train_and_evaluate(small, str(tmp_path / "small"), stop_after=2, progress=False)
+    _, after_coarse, _, _ = checkpoint.load_checkpoint(str(tmp_path / "whole"), step=2)
+    _assert_trees_equal(jax.device_get(after_coarse["params"]), _params(small_run))
+    # ... and the last two are not: they train at image_size.
+    small_run = train.train_and_evaluate(small, str(tmp_path / "small"), progress=False)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_params(small_run)),
+                                                        jax.tree.leaves(_params(whole))))
+
+
+def test_coarse_config_scales_the_boundary_band_and_bad_coarse_settings_are_named(tiny_config):
+    tiny_config.update(image_size=(64, 96), loss_boundary_width=4, coarse_steps=3, coarse_image_size=(32, 48))
+    validate_config(tiny_config)
+    coarse = train.coarse_config(tiny_config)
+    assert tuple(coarse.image_size) == (32, 48) and coarse.loss_boundary_width == 2
+    assert tuple(tiny_config.image_size) == (64, 96) and tiny_config.loss_boundary_width == 4  # not changed
+    assert train.config_at(tiny_config, 2).image_size == (32, 48)
+    assert train.config_at(tiny_config, 3) is tiny_config
+    bad = [("coarse_image_size", (34, 48), "divisible by 2\\*\\*model.depth"),
+           ("coarse_image_size", (128, 48), "no larger than image_size"),
+           ("coarse_steps", tiny_config.num_train_steps, "coarse_steps must be 0 \\(off\\) or 1..")]
+    for key, value, message in bad:
+        broken = tiny_config.copy_and_resolve_references()
+        broken[key] = value
+        with pytest.raises(ConfigError, match=message):
+            validate_config(broken)
