@@ -118,9 +118,14 @@ def test_torch_flag_without_torch_says_how_to_install(tmp_path):
 def test_train_benchmark_prints_json():
     # depth 1 (the demo's is 4): fewer convs for the benchmark's uncached compile to build
     proc = _run("train", "--config", "configs/demo.py", "--config.model.features=4", "--config.model.depth=1",
-                "--config.image_size=(32,48)", "--steps", "2", "--warmup", "1", "--json", "--ops")
+                "--config.image_size=(32,48)", "--steps", "2", "--warmup", "1", "--json", "--ops",
+                "--xla_option", "xla_cpu_experimental_ynn_fusion_type=")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the step compiled a second time with the option, timed alternately with the default one
+    assert result["xla_options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert result["option_images_per_sec"] > 0 and result["option_over_default"] == pytest.approx(
+        result["option_images_per_sec"] / result["images_per_sec"])
     ops = dict(result["ops_ms_per_step"])  # a real trace of the real step: its convolutions, both passes
     assert ops["forward conv_general_dilated"] > 0 and all(ms >= 0 for ms in ops.values())
     assert any(k.startswith("backward ") for k in ops)
@@ -134,6 +139,24 @@ def test_train_benchmark_prints_json():
     assert result["xla_memory_gb"] > 0
     if os.path.exists("/proc/self/clear_refs"):
         assert result["host_peak_growth_gb"] > 0
+
+
+def test_xla_options_are_parsed_by_kind_and_a_bad_one_is_named():
+    from carvana_jax.bench.train import parse_xla_options
+    from carvana_jax.errors import ConfigError
+    assert parse_xla_options(["a=true", "b=False", "c=-3", "d=", "e=X,Y"]) == {
+        "a": True, "b": False, "c": -3, "d": "", "e": "X,Y"}
+    with pytest.raises(ConfigError, match="'novalue' is not KEY=VALUE"):
+        parse_xla_options(["novalue"])
+
+
+@pytest.mark.slow
+def test_an_unknown_xla_option_is_a_one_line_error():
+    proc = _run("train", "--config", "configs/demo.py", "--config.model.features=4", "--config.model.depth=1",
+                "--config.image_size=(32,48)", "--steps", "1", "--warmup", "0", "--xla_option", "xla_no_such=1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--xla_option" in errors[0] and "xla_no_such" in errors[0], proc.stderr
 
 
 def test_train_table_prints_memory_and_na_for_an_unreported_peak(capsys):

@@ -176,3 +176,12 @@ def test_coarse_config_scales_the_boundary_band_and_bad_coarse_settings_are_name
         broken[key] = value
         with pytest.raises(ConfigError, match=message):
             validate_config(broken)
+
+
+def test_a_worker_pools_old_pipeline_state_is_not_resumed_into_coarse_updates(two_update_run, tiny_config, tmp_path):
+    workdir = _copy_of(two_update_run, tmp_path)  # checkpointed at update 2
+    with open(os.path.join(workdir, "checkpoints", "2", "data", "metadata"), "w") as f:
+        json.dump({"workers_state": "…"}, f)  # grain's state of a worker pool, as checkpoints before positions held
+    tiny_config.update(num_train_steps=4, coarse_steps=3, coarse_image_size=(16, 24))
+    with pytest.raises(CheckpointError, match="resume it with --config.coarse_steps=0"):
+        train.train_and_evaluate(tiny_config, workdir, progress=False)

@@ -1,7 +1,8 @@
 """Benchmarks, one subcommand each (results and how to reproduce them: BENCHMARKS.md).
 
     python -m carvana_jax.bench train --config configs/demo.py [--config.key=value ...]
-                                      [--steps 30] [--warmup 3] [--json] [--torch]
+                                      [--steps 30] [--warmup 3] [--json] [--torch] [--ops]
+                                      [--xla_option KEY=VALUE ...]
     python -m carvana_jax.bench pipeline --data_dir D --image_size 768,768 --num_workers N --batches K
                                       [--batch_size B] [--json] [--dump FILE.npz] [--rounds R]
     python -m carvana_jax.bench predict --ckpt DIR [--ckpt DIR2] --data_dir D --n N [--num_workers W]
@@ -38,7 +39,7 @@ import sys
 from absl import flags
 
 from carvana_jax import cli
-from carvana_jax.bench.train import bench_train, print_train_table
+from carvana_jax.bench.train import bench_train, parse_xla_options, print_train_table
 
 FLAGS = flags.FLAGS
 
@@ -51,6 +52,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("torch", False, "Also time the same U-Net in PyTorch eager on the CPU, side by side.")
     flags.DEFINE_bool("ops", False, "train: also trace 3 steps with jax.profiler and print where their time goes, "
                       "by the model operation each kernel runs (forward/backward convolutions, norms, …).")
+    flags.DEFINE_multi_string("xla_option", [], "train: also time the step compiled with this XLA compiler option "
+                              "(KEY=VALUE, repeatable; e.g. xla_cpu_experimental_ynn_fusion_type= for no YNNPACK "
+                              "fusions), alternated with the default step in the same process.")
     flags.DEFINE_bool("xla_cache", False,
                       "Use the persistent XLA compilation cache (then 'compile' may time a cache load).")
     # pipeline
@@ -99,7 +103,8 @@ def cmd_train() -> None:
     if not FLAGS.xla_cache:
         jax.config.update("jax_enable_compilation_cache", False)  # time a real compile, not a cache load
     with cli.friendly_errors():
-        result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch, FLAGS.ops)
+        result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch, FLAGS.ops,
+                             parse_xla_options(FLAGS.xla_option))
     if FLAGS.json:
         print(json.dumps(result))
     else:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from absl import flags
 
+from carvana_jax.errors import ConfigError
 from carvana_jax.models import unet
 
 FLAGS = flags.FLAGS
@@ -56,7 +57,23 @@ def _timed(fn: Callable) -> float:
     return time.perf_counter() - start
 
 
-def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = False) -> dict:
+def parse_xla_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as XLA compiler options: true/false as booleans, integers as ints, the rest as
+    text (an empty value is kept: ``xla_cpu_experimental_ynn_fusion_type=`` turns YNNPACK's fusions off)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--xla_option {item!r} is not KEY=VALUE")
+        if value.lower() in ("true", "false"):
+            options[key] = value.lower() == "true"
+        else:
+            options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
+def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = False,
+                xla_options: dict | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -87,6 +104,19 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = F
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
 
+    option_step = None
+    if xla_options:  # the same step compiled with other XLA options, on its own copy of the (donated) state
+        try:
+            option_compiled = step_fn.lower(state, batch).compile(compiler_options=xla_options)
+        except jax.errors.JaxRuntimeError as e:  # an unknown option, or a value of the wrong kind
+            raise ConfigError(f"--xla_option: {str(e).splitlines()[0]}") from e
+        option_state = jax.tree.map(lambda x: x.copy(), state)
+
+        def option_step():
+            nonlocal option_state
+            option_state, metrics = option_compiled(option_state, batch)
+            jax.block_until_ready((option_state, metrics))
+
     torch_step = None
     if with_torch:
         from carvana_jax.bench import torch_twin as bench_torch
@@ -103,15 +133,16 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = F
     devices = mesh.devices.flatten()
     # The CPU reports no device peak; this process's RSS growth over one (extra, untimed) first run stands in.
     host_growth = memory.host_peak_growth(jax_step) if devices[0].platform == "cpu" else None
+    others = {name: fn for name, fn in (("option", option_step), ("torch", torch_step)) if fn}
     for _ in range(warmup):
         jax_step()
-        if torch_step:
-            torch_step()
-    jax_times, torch_times = [], []
-    for _ in range(steps):  # alternate, so both frameworks see the same machine load
+        for fn in others.values():
+            fn()
+    jax_times, other_times = [], {name: [] for name in others}
+    for _ in range(steps):  # alternate, so every variant sees the same machine load
         jax_times.append(_timed(jax_step))
-        if torch_step:
-            torch_times.append(_timed(torch_step))
+        for name, fn in others.items():
+            other_times[name].append(_timed(fn))
 
     flops = unet_flops(config.model, image_size)
     device_peak = memory.peak_device_bytes(devices[0])
@@ -136,9 +167,13 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = F
     if ops:  # after the timing, so that the profiler's own cost is in no timed step
         from carvana_jax.bench import op_profile
         result["ops_ms_per_step"] = op_profile.profile_step(jax_step, compiled.as_text())
+    if xla_options:
+        t = _summary(other_times["option"], config.batch_size, flops)
+        result.update({f"option_{k}": v for k, v in t.items()})
+        result.update({"xla_options": xla_options, "option_over_default": t["images_per_sec"] / result["images_per_sec"]})
     if with_torch:
         import torch
-        t = _summary(torch_times, config.batch_size, flops)
+        t = _summary(other_times["torch"], config.batch_size, flops)
         result.update({f"torch_{k}": v for k, v in t.items()})
         result.update({"torch_version": torch.__version__, "torch_threads": threads, "torch_param_count": torch_params,
                        "jax_over_torch": result["images_per_sec"] / t["images_per_sec"]})
@@ -154,12 +189,17 @@ def print_train_table(r: dict) -> None:
     print(f"forward: {r['forward_gflop_per_image']:.3f} GFLOP/image (train counted as 3x)   "
           f"compile: {r['compile_s']:.1f} s   timed steps: {r['steps']} after {r['warmup']} warm-up")
     rows = [("JAX " + r["jax_version"], "")]
+    if "option_images_per_sec" in r:
+        rows.append(("JAX with " + " ".join(f"{k}={v}" for k, v in r["xla_options"].items()), "option_"))
     if "torch_images_per_sec" in r:
         rows.append((f"torch {r['torch_version']} eager ({r['torch_threads']} threads)", "torch_"))
-    print(f"{'':34s} {'images/s':>9s} {'ms/step median':>15s} {'ms/step mean':>13s} {'GFLOP/s':>8s}")
+    width = max(34, *(len(name) for name, _ in rows))
+    print(f"{'':{width}s} {'images/s':>9s} {'ms/step median':>15s} {'ms/step mean':>13s} {'GFLOP/s':>8s}")
     for name, p in rows:
-        print(f"{name:34s} {r[p + 'images_per_sec']:9.2f} {r[p + 'ms_per_step_median']:15.1f} "
+        print(f"{name:{width}s} {r[p + 'images_per_sec']:9.2f} {r[p + 'ms_per_step_median']:15.1f} "
               f"{r[p + 'ms_per_step_mean']:13.1f} {r[p + 'gflops_per_sec']:8.2f}")
+    if "option_over_default" in r:
+        print(f"JAX with the options / default (images/s, same run, steps alternated): {r['option_over_default']:.2f}x")
     if "jax_over_torch" in r:
         print(f"JAX / torch (images/s, same run, steps alternated): {r['jax_over_torch']:.2f}x")
     if "ops_ms_per_step" in r:
