@@ -150,7 +150,6 @@ def test_xla_options_are_parsed_by_kind_and_a_bad_one_is_named():
         parse_xla_options(["novalue"])
 
 
-@pytest.mark.slow
 def test_an_unknown_xla_option_is_a_one_line_error():
     proc = _run("train", "--config", "configs/demo.py", "--config.model.features=4", "--config.model.depth=1",
                 "--config.image_size=(32,48)", "--steps", "1", "--warmup", "0", "--xla_option", "xla_no_such=1")

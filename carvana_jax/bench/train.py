@@ -72,6 +72,15 @@ def parse_xla_options(items: list[str]) -> dict:
     return options
 
 
+def check_xla_options(options: dict) -> None:
+    """Refuse an unknown XLA option, or a value of the wrong kind, in a second, before the step is built."""
+    import jax
+    try:
+        jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+        raise ConfigError(f"--xla_option: {str(e).splitlines()[0]}") from e
+
+
 def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = False,
                 xla_options: dict | None = None) -> dict:
     import jax
@@ -83,6 +92,8 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = F
     from carvana_jax.train_state import create_train_state
 
     validate_config(config)
+    if xla_options:
+        check_xla_options(xla_options)
     mesh = parallel.make_mesh()
     parallel.check_batch_divides(config.batch_size, mesh)
     image_size = tuple(config.image_size)
@@ -106,10 +117,7 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = F
 
     option_step = None
     if xla_options:  # the same step compiled with other XLA options, on its own copy of the (donated) state
-        try:
-            option_compiled = step_fn.lower(state, batch).compile(compiler_options=xla_options)
-        except jax.errors.JaxRuntimeError as e:  # an unknown option, or a value of the wrong kind
-            raise ConfigError(f"--xla_option: {str(e).splitlines()[0]}") from e
+        option_compiled = step_fn.lower(state, batch).compile(compiler_options=xla_options)
         option_state = jax.tree.map(lambda x: x.copy(), state)
 
         def option_step():
