@@ -178,7 +178,8 @@ def bench_train(config, steps: int, warmup: int, with_torch: bool, ops: bool = F
     if xla_options:
         t = _summary(other_times["option"], config.batch_size, flops)
         result.update({f"option_{k}": v for k, v in t.items()})
-        result.update({"xla_options": xla_options, "option_over_default": t["images_per_sec"] / result["images_per_sec"]})
+        result["xla_options"] = xla_options
+        result["option_over_default"] = t["images_per_sec"] / result["images_per_sec"]
     if with_torch:
         import torch
         t = _summary(other_times["torch"], config.batch_size, flops)
