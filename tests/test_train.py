@@ -139,25 +139,21 @@ def test_evaluation_defaults_to_the_checkpoint_with_the_best_val_dice(tiny_confi
 
 
 @pytest.mark.slow
-def test_coarse_updates_train_at_their_size_and_resume_on_either_side_of_the_switch(tiny_config, tmp_path):
+def test_coarse_updates_train_at_their_size_and_resume_after_the_switch(tiny_config, tmp_path):
     tiny_config.update(num_train_steps=4, eval_every=4, checkpoint_every=2, val_fraction=0.0)
     tiny_config.update(coarse_steps=2, coarse_image_size=(16, 24))  # tiny_config trains at 32×48
     whole = train.train_and_evaluate(tiny_config, str(tmp_path / "whole"), progress=False)
-    for stop in (1, 3):  # pre-empted during the coarse updates, and after the switch
-        workdir = str(tmp_path / f"stopped_at_{stop}")
-        train.train_and_evaluate(tiny_config, workdir, stop_after=stop, progress=False)
-        resumed = train.train_and_evaluate(tiny_config, workdir, progress=False)
-        _assert_trees_equal(_params(resumed), _params(whole))
-    # The coarse updates are those of a run at the coarse size (the same schedule, stream and seed) ...
+    # Pre-empted after the switch: the resumed run reopens the stream at image_size where it was.
+    workdir = str(tmp_path / "stopped_at_3")
+    train.train_and_evaluate(tiny_config, workdir, stop_after=3, progress=False)
+    resumed = train.train_and_evaluate(tiny_config, workdir, progress=False)
+    _assert_trees_equal(_params(resumed), _params(whole))
+    # The coarse updates are those of a run at the coarse size (the same schedule, stream and seed).
     small = tiny_config.copy_and_resolve_references()
     small.update(coarse_steps=0, image_size=(16, 24))
     small_run = train.train_and_evaluate(small, str(tmp_path / "small"), stop_after=2, progress=False)
     _, after_coarse, _, _ = checkpoint.load_checkpoint(str(tmp_path / "whole"), step=2)
     _assert_trees_equal(jax.device_get(after_coarse["params"]), _params(small_run))
-    # ... and the last two are not: they train at image_size.
-    small_run = train.train_and_evaluate(small, str(tmp_path / "small"), progress=False)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_params(small_run)),
-                                                        jax.tree.leaves(_params(whole))))
 
 
 def test_coarse_config_scales_the_boundary_band_and_bad_coarse_settings_are_named(tiny_config):
