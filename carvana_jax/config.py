@@ -6,13 +6,10 @@ from carvana_jax.errors import ConfigError
 
 
 def validate_config(config) -> None:
-    size = tuple(config.image_size)
-    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-        raise ConfigError(f"image_size must be two positive integers (H, W), got {config.image_size!r}")
     s2d = config.model.get("space_to_depth", 1)
     if not isinstance(s2d, int) or s2d < 1:
         raise ConfigError(f"model.space_to_depth must be a positive integer, got {s2d!r}")
-    _check_divisible("image_size", size, 2 ** config.model.depth * s2d)
+    _check_size("image_size", tuple(config.image_size), 2 ** config.model.depth * s2d)
     for key in ("batch_size", "grad_accum_steps", "num_train_steps", "checkpoint_every", "eval_every", "log_every",
                 "eval_batch_size", "model.features", "model.depth"):
         value = config
@@ -44,24 +41,26 @@ def validate_config(config) -> None:
     _validate_prediction(config)
 
 
-def _check_divisible(key: str, size: tuple, step: int) -> None:
+def _check_size(key: str, size: tuple, step: int, limit: tuple | None = None) -> None:
+    """(H, W): two positive integers, each divisible by ``step`` (the U-Net halves it depth times) and at most
+    ``limit``'s."""
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ConfigError(f"{key} must be two positive integers (H, W), got {size!r}")
+    if limit is not None and any(v > m for v, m in zip(size, limit)):
+        raise ConfigError(f"{key} {size} must be no larger than image_size {limit}")
     h, w = size
     if h % step or w % step:
         raise ConfigError(f"{key} {h}x{w} must be divisible by 2**model.depth * model.space_to_depth = {step}")
 
 
 def _validate_coarse(config, step: int) -> None:
-    coarse_steps, coarse_size = config.get("coarse_steps", 0), tuple(config.get("coarse_image_size", ()))
+    coarse_steps = config.get("coarse_steps", 0)
     if coarse_steps == 0:
         return
     if not 0 < coarse_steps < config.num_train_steps:
         raise ConfigError(f"coarse_steps must be 0 (off) or 1..num_train_steps-1 = {config.num_train_steps - 1}, "
                           f"got {coarse_steps}")
-    if len(coarse_size) != 2 or not all(isinstance(v, int) and 0 < v <= full
-                                        for v, full in zip(coarse_size, config.image_size)):
-        raise ConfigError(f"coarse_image_size must be two positive integers (H, W) no larger than image_size "
-                          f"{tuple(config.image_size)} for coarse_steps={coarse_steps}, got {coarse_size!r}")
-    _check_divisible("coarse_image_size", coarse_size, step)
+    _check_size("coarse_image_size", tuple(config.get("coarse_image_size", ())), step, tuple(config.image_size))
 
 
 def _validate_val_cars(config) -> None:
