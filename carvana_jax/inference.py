@@ -152,18 +152,31 @@ def full_res_masks(variables, images, *, apply_fn, threshold=0.5, hflip_tta=Fals
 # ``image_keys`` which batch key holds each model's input (models of one input size and fit share one
 # key), ``multiples`` each one's input multiple (for TTA 'scale') and ``fits`` how its input was fitted.
 
+def member_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, tta=None, multiples=None):
+    """Each model's probabilities at its own input size (``predict_probs``, TTA included): a tuple, one per model."""
+    multiples = multiples or (1,) * len(apply_fns)
+    return tuple(predict_probs(variables, batch[key], apply_fn, hflip_tta, tta=tta, multiple=multiple)
+                 for variables, apply_fn, key, multiple in zip(members, apply_fns, image_keys, multiples))
+
+
+def mean_full(probs, *, fits=None, shape=FULL_SHAPE):
+    """Mean over models of their model-size probabilities (``member_probs``), each brought to ``shape``
+    first (``to_full``)."""
+    fits = fits or ("resize",) * len(probs)
+    total = None
+    for p, fit in zip(probs, fits):
+        p = to_full(p, fit, shape)
+        total = p if total is None else total + p
+    return total if len(probs) == 1 else total / len(probs)
+
+
 def ensemble_probs(members, batch, *, apply_fns, image_keys, hflip_tta=False, tta=None, multiples=None,
                    fits=None, shape=FULL_SHAPE):
     """Mean over models of each one's probabilities at its own size (TTA included), brought to ``shape``
     first (``to_full``)."""
-    total = None
-    multiples = multiples or (1,) * len(apply_fns)
-    fits = fits or ("resize",) * len(apply_fns)
-    for variables, apply_fn, key, multiple, fit in zip(members, apply_fns, image_keys, multiples, fits):
-        probs = to_full(predict_probs(variables, batch[key], apply_fn, hflip_tta, tta=tta, multiple=multiple),
-                        fit, shape)
-        total = probs if total is None else total + probs
-    return total if len(apply_fns) == 1 else total / len(apply_fns)
+    probs = member_probs(members, batch, apply_fns=apply_fns, image_keys=image_keys, hflip_tta=hflip_tta, tta=tta,
+                         multiples=multiples)
+    return mean_full(probs, fits=fits, shape=shape)
 
 
 def ensemble_photo_probs(members, batch, *, guide_scale: int = 0, shape=FULL_SHAPE, **kw):
@@ -181,6 +194,15 @@ def ensemble_masks(members, batch, *, threshold=0.5, **kw):
     """Binary uint8 masks at 1280×1918: the ensemble's mean probability (``ensemble_photo_probs``) above
     ``threshold``."""
     return (ensemble_photo_probs(members, batch, **kw) > threshold).astype(jnp.uint8)
+
+
+def masks_of_member_probs(probs, *, threshold=0.5, fits=None, shape=FULL_SHAPE):
+    """``ensemble_masks`` without a guide, from the models' probabilities at their own sizes (``member_probs``),
+    as a program of its own. Compiled together, XLA:CPU fuses the probabilities' sigmoid and TTA mean into the
+    up-sampling's gathers and computes them again four times for every full-resolution pixel (400 times a
+    model pixel at 128×192): the two programs take 10–20% less time (BENCHMARKS.md, "Prediction"). With the guided
+    filter in between, one program was the faster, so ``ensemble_masks`` stays one."""
+    return (mean_full(probs, fits=fits, shape=shape) > threshold).astype(jnp.uint8)
 
 
 def ensemble_cutouts(members, batch, *, threshold=0.5, **kw):

@@ -105,10 +105,19 @@ class Ensemble:
 
     @functools.cached_property
     def masks_fn(self) -> Callable:
-        """(variables, device batch) → uint8 masks (B, 1280, 1918)."""
-        return parallel.data_parallel_map(
-            functools.partial(inference.ensemble_masks, threshold=self.threshold, guide_scale=self.guide_scale,
-                              **self.device_kw), self.mesh)
+        """(variables, device batch) → uint8 masks (B, 1280, 1918): without the guided filter as two programs,
+        the models' probabilities at their own sizes, then the masks from them
+        (``inference.masks_of_member_probs`` says why)."""
+        if self.guide_scale:
+            return parallel.data_parallel_map(
+                functools.partial(inference.ensemble_masks, threshold=self.threshold, guide_scale=self.guide_scale,
+                                  **self.device_kw), self.mesh)
+        kw = dict(self.device_kw)
+        fits = kw.pop("fits")
+        probs_fn = parallel.data_parallel_map(functools.partial(inference.member_probs, **kw), self.mesh)
+        full_fn = parallel.data_parallel_map(
+            lambda _, probs: inference.masks_of_member_probs(probs, threshold=self.threshold, fits=fits), self.mesh)
+        return lambda variables, batch: full_fn((), probs_fn(variables, batch))
 
     @functools.cached_property
     def pack_fn(self) -> Callable:
