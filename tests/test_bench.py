@@ -94,6 +94,72 @@ def test_torch_train_step_runs_and_keeps_shapes():
     assert step.model(torch.zeros(2, 3, 16, 24)).shape == (2, 16, 24)
 
 
+def _random_variables(model, image_size, seed=0):
+    """Random weights and BatchNorm statistics far from their initial values (so a mix-up of scale and mean, or
+    of a kernel's axes, shows)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_size, 3)), train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            return (rng.standard_normal(leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1]))).astype(np.float32)
+        if "var" in name:
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        if "scale" in name:
+            return (1 + 0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.parametrize("overrides, image_size", [
+    ({"features": 4, "depth": 3}, (32, 48)),
+    ({"features": 4, "depth": 2, "norm": "none"}, (16, 24)),
+    ({"features": 8, "depth": 2, "block": "dense", "dense_layers": 3}, (16, 24)),
+    ({"features": 4, "depth": 2, "space_to_depth": 2, "widths": (4, 8, 24)}, (32, 48)),
+])
+def test_torch_twin_with_flax_weights_gives_the_flax_logits(overrides, image_size):
+    pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
+    import torch
+    from carvana_jax.bench import torch_twin as bench_torch
+    model = unet.from_config(_model_cfg(**overrides))
+    variables = _random_variables(model, image_size)
+    x = np.random.default_rng(1).random((2, *image_size, 3), dtype=np.float32)
+    flax_logits = np.asarray(model.apply(variables, x, train=False))
+    twin = bench_torch.load_flax_variables(bench_torch.UNet(model), model, variables).eval()
+    with torch.no_grad():
+        torch_logits = twin(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    assert flax_logits.shape == torch_logits.shape == (2, *image_size)
+    np.testing.assert_allclose(torch_logits, flax_logits, atol=2e-4 * np.abs(flax_logits).max())
+
+
+def test_torch_predictor_masks_are_the_jax_prediction_paths():
+    pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
+    from carvana_jax import inference
+    from carvana_jax.bench import torch_twin as bench_torch
+    size = (32, 48)
+    model = unet.from_config(_model_cfg(features=4, depth=2, space_to_depth=2))
+    variables = _random_variables(model, size)
+    images = np.random.default_rng(2).integers(0, 256, (2, *size, 3), dtype=np.uint8)
+    probs = np.asarray(inference.upsample(inference.predict_probs(variables, images, model.apply, tta="hflip")))
+    threshold = float(np.median(probs))  # random weights: about half the pixels on
+    expected = np.packbits((probs > threshold).reshape(2, -1), axis=1)
+    got = bench_torch.Predictor(model, variables, hflip=True, threshold=threshold)(images)
+    assert got.shape == expected.shape == (2, 1280 * 1918 // 8)
+    differ = np.unpackbits(got ^ expected).mean()
+    assert differ < 1e-4, differ  # pixels whose probability sits on the threshold
+    plain = bench_torch.Predictor(model, variables, threshold=threshold)(images)
+    assert np.unpackbits(plain ^ expected).mean() > 1e-3, "the mirrored view must change the masks"
+
+
+def test_torch_twin_names_the_flax_weight_that_does_not_fit():
+    pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
+    from carvana_jax.bench import torch_twin as bench_torch
+    narrow, wide = (unet.from_config(_model_cfg(features=f, depth=2)) for f in (4, 8))
+    with pytest.raises(ValueError, match=r"down0/ConvNormReLU_0/Conv_0/kernel: shape \(4, 3, 3, 3\)"):
+        bench_torch.load_flax_variables(bench_torch.UNet(wide), wide, _random_variables(narrow, (16, 24)))
+
+
 def _run(*args, env_extra=None, timeout=300):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "carvana_jax.bench", *args], cwd=ROOT, env=env, check=False,

@@ -57,6 +57,27 @@ def test_predict_benchmark_times_every_stage_on_the_same_photos(checkpoint):
     json.dumps(r)
 
 
+def test_predict_benchmark_times_the_torch_twin_with_the_checkpoints_weights(checkpoint):
+    pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
+    r = bench_predict.bench_predict([checkpoint], data_dir=None, n=8, rle_repeats=1, cpu_size=(32, 48), tta="hflip",
+                                    torch=True)
+    t = r["torch"]
+    assert t["jax_images_per_sec"] > 0 and t["torch_images_per_sec"] > 0
+    assert t["jax_over_torch"] == pytest.approx(t["jax_images_per_sec"] / t["torch_images_per_sec"])
+    assert t["differing_pixels"] < 1e-4  # the same weights and views: only probabilities on the threshold differ
+    json.dumps(r)
+
+
+def test_torch_twin_refuses_what_it_cannot_predict(checkpoint):
+    from carvana_jax import predict
+    from carvana_jax.errors import ConfigError
+    config, ensemble, _ = predict.load_ensemble([checkpoint], tta="hflip,shift", postprocess="fill")
+    with pytest.raises(ConfigError, match=r"tta 'hflip,shift', postprocess 'fill' \(pass --postprocess none\)"):
+        bench_predict.check_torch_twin(ensemble, config)
+    config, ensemble, _ = predict.load_ensemble([checkpoint], tta="hflip", postprocess="none")
+    bench_predict.check_torch_twin(ensemble, config)
+
+
 def _run(*args):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2")
     return subprocess.run([sys.executable, "-m", "carvana_jax.bench", "predict", *args], cwd=ROOT, env=env,

@@ -7,6 +7,7 @@
                                       [--batch_size B] [--json] [--dump FILE.npz] [--rounds R]
     python -m carvana_jax.bench predict --ckpt DIR [--ckpt DIR2] --data_dir D --n N [--num_workers W]
                                       [--batch_size B] [--rle_threads T] [--tta hflip] [--rounds R] [--json]
+                                      [--postprocess none] [--torch]
     python -m carvana_jax.bench cutout --ckpt DIR [--ckpt DIR2] --photos FOLDER --n N [--batch_size B]
                                       [--threads T] [--tta hflip] [--clients 32] [--requests R] [--json]
 
@@ -25,7 +26,8 @@ augmentation ranges and seed; --image_size, --batch_size and --num_workers overr
 
 ``predict`` times writing a submission for the first N test photos end to end (submission.write_submission)
 against each of its stages on its own over the same photos, and one mask's RLE against the
-straightforward numpy version (bench/predict.py says exactly what each figure is).
+straightforward numpy version; with ``--torch`` also the device stage against the same model in PyTorch eager
+with the checkpoint's weights (bench/predict.py says exactly what each figure is).
 
 ``cutout`` times cutting the first N photos of a folder out end to end (``cutout.Runner``: decode, device,
 PNG encoding and writing, overlapped as the command runs them) against each stage alone, then the server's
@@ -49,7 +51,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 30, "Timed steps.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-    flags.DEFINE_bool("torch", False, "Also time the same U-Net in PyTorch eager on the CPU, side by side.")
+    flags.DEFINE_bool("torch", False, "train, predict: also time the same U-Net in PyTorch eager on the CPU, "
+                      "side by side (predict: with the checkpoint's weights).")
     flags.DEFINE_bool("ops", False, "train: also trace 3 steps with jax.profiler and print where their time goes, "
                       "by the model operation each kernel runs (forward/backward convolutions, norms, …).")
     flags.DEFINE_multi_string("xla_option", [], "train: also time the step compiled with this XLA compiler option "
@@ -75,6 +78,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("n", 64, "predict: test photos (the first N in sample_submission order).")
     flags.DEFINE_integer("rle_threads", None, "predict: RLE encoding threads (default: as eval, min(8, CPUs)).")
     flags.DEFINE_enum("tta", "none", ["none", "hflip"], "predict: test-time augmentation.")
+    flags.DEFINE_string("postprocess", None, "predict: post-processing as eval --postprocess takes it "
+                        "(default: the checkpoint's config).")
     # cutout (also --ckpt, --n, --batch_size (default 8), --tta, --json)
     flags.DEFINE_string("photos", None, "cutout: the folder of photos to cut out (walked like cutout's INPUT).")
     flags.DEFINE_integer("threads", None, "cutout: decoding and PNG threads (default: as cutout, min(8, CPUs)).")
@@ -88,8 +93,8 @@ def define_flags() -> None:
 TORCH_INSTALL = "pip install torch==2.13.0  (the CPU wheel; or pip install -e '.[bench]')"
 
 
-def cmd_train() -> None:
-    import jax
+def require_torch_if_asked() -> None:
+    """With --torch, exit with a one-line error saying how to install PyTorch when it is not."""
     if FLAGS.torch:
         try:
             import torch  # noqa: F401
@@ -97,6 +102,11 @@ def cmd_train() -> None:
             print(f"error: --torch needs PyTorch, which is not installed; install it with: {TORCH_INSTALL}",
                   file=sys.stderr)
             sys.exit(1)
+
+
+def cmd_train() -> None:
+    import jax
+    require_torch_if_asked()
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         print("error: --steps must be ≥ 1 and --warmup ≥ 0", file=sys.stderr)
         sys.exit(2)
@@ -143,6 +153,7 @@ def cmd_predict() -> None:
         print("error: predict needs --ckpt (a training workdir or checkpoint; repeat it for an ensemble)",
               file=sys.stderr)
         sys.exit(2)
+    require_torch_if_asked()
     try:
         cpu_size = bench_pipeline.parse_image_size(FLAGS.cpu_size)
     except ValueError as e:
@@ -157,7 +168,7 @@ def cmd_predict() -> None:
         result = bench_predict.bench_predict(
             FLAGS.ckpt, data_dir=FLAGS.data_dir, n=FLAGS.n, batch_size=FLAGS.batch_size,
             num_workers=FLAGS.num_workers if FLAGS["num_workers"].present else None, rle_threads=FLAGS.rle_threads,
-            tta=FLAGS.tta, rounds=FLAGS.rounds, cpu_size=cpu_size)
+            tta=FLAGS.tta, rounds=FLAGS.rounds, cpu_size=cpu_size, postprocess=FLAGS.postprocess, torch=FLAGS.torch)
     if FLAGS.json:
         print(json.dumps(result))
     else:

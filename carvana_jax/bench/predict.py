@@ -14,7 +14,11 @@ Over the first ``n`` test photos, in one run (so all figures see the same machin
 - **RLE of one 1918×1280 mask** (a real prediction): ``rle.encode`` and ``rle.encode_packed`` against
   the straightforward numpy version (``naive_encode``), medians of ``rle_repeats`` calls, same strings;
 - **per-image CPU cost on one core** (for projections to other hosts): the eval map (decode + resize)
-  at the model's size and at ``cpu_size``, RLE per mask, CSV per row.
+  at the model's size and at ``cpu_size``, RLE per mask, CSV per row;
+- with ``torch``, **the device stage against its PyTorch eager twin** (``torch_twin.Predictor``: the same
+  checkpoint's weights, the same views, up-sampling, threshold and bit-packing), batch by batch on the same
+  decoded photos, alternated, each waited for: images/s of both, their ratio and the share of mask pixels on
+  which the two differ (probabilities on the threshold).
 
 Pipeline start-up (spawning grain's worker processes: ~1.2 s each here) is inside ``decode`` and ``end to end``
 alike, and reported (time to the first batch): nothing can overlap it, so it weighs on short runs.
@@ -31,6 +35,7 @@ import time
 import numpy as np
 
 from carvana_jax import parallel, predict, rle, submission
+from carvana_jax.errors import ConfigError
 from carvana_jax.bench.pipeline import CpuMeter
 from carvana_jax.data.warp_strip import cpu_name
 from carvana_jax.data import pipeline, sources
@@ -193,12 +198,68 @@ def cpu_costs(ensemble, records, config, texts, packed, cpu_size) -> dict:
             "csv_row_ms": csv_ms}
 
 
+def check_torch_twin(ensemble, config) -> None:
+    """ConfigError unless the torch twin can predict what ``ensemble`` does: one plain U-Net fitted by resizing,
+    TTA none or hflip, no post-processing."""
+    member = ensemble.members[0]
+    problems = [what for what, bad in [
+        (f"{len(ensemble.members)} models", len(ensemble.members) > 1),
+        (f"encoder {config.model.get('encoder', 'unet')!r}", config.model.get("encoder", "unet") != "unet"),
+        (f"fit {member.fit!r}", member.fit != "resize"),
+        (f"tta {ensemble.tta_name!r}", set(ensemble.tta) - {"hflip"}),
+        (f"postprocess {ensemble.postprocess_name!r} (pass --postprocess none)", ensemble.postprocess)] if bad]
+    if problems:
+        raise ConfigError("--torch: the torch twin predicts one plain U-Net ('unet' encoder, fit 'resize') with tta "
+                          f"none or hflip and no post-processing; got {', '.join(problems)}")
+
+
+def time_torch_twin(ensemble, records, config, batch_size: int, rounds: int) -> dict:
+    """The device stage (as ``time_stages`` times it, batch by batch) against ``torch_twin.Predictor`` on the same
+    decoded batches, one after the other for every batch, ``rounds`` times over all of them."""
+    import jax
+    import torch
+
+    from carvana_jax.bench import torch_twin
+    from carvana_jax.models import unet
+    threads = torch_twin.set_threads()
+    twin = torch_twin.Predictor(unet.from_config(config.model), jax.device_get(ensemble.variables[0]),
+                                hflip="hflip" in ensemble.tta, threshold=ensemble.threshold)
+    key = ensemble.device_kw["image_keys"][0]
+    batches = list(ensemble.dataset(records, config, batch_size, num_workers=0))
+
+    def jax_stage(batch):
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        padded, n = parallel.pad_to_multiple(batch, ensemble.mesh.devices.size)
+        return parallel.to_host(ensemble.packed_fn(ensemble.variables, parallel.shard_batch(padded, ensemble.mesh)))[:n]
+
+    jax_stage(batches[0]), twin(batches[0][key])  # warm-up: compile, first-touch the twin's buffers
+    seconds = {"jax": 0.0, "torch": 0.0}
+    differing = total = 0
+    for _ in range(rounds):
+        for batch in batches:
+            start = time.perf_counter()
+            ours = jax_stage(batch)
+            seconds["jax"] += time.perf_counter() - start
+            start = time.perf_counter()
+            theirs = twin(batch[key])
+            seconds["torch"] += time.perf_counter() - start
+            differing += int(np.unpackbits(ours ^ theirs).sum())
+            total += ours.size * 8
+    images = rounds * len(records)
+    return {"jax_images_per_sec": images / seconds["jax"], "torch_images_per_sec": images / seconds["torch"],
+            "jax_over_torch": seconds["torch"] / seconds["jax"], "differing_pixels": differing / total,
+            "torch_version": torch.__version__, "torch_threads": threads}
+
+
 def bench_predict(ckpts, *, data_dir: str | None, n: int, batch_size: int | None = None,
                   num_workers: int | None = None, rle_threads: int | None = None, tta: str = "none",
-                  rounds: int = 1, rle_repeats: int = 50, cpu_size=(1024, 1024)) -> dict:
+                  rounds: int = 1, rle_repeats: int = 50, cpu_size=(1024, 1024), postprocess: str | None = None,
+                  torch: bool = False) -> dict:
     import jax
     mesh = parallel.make_mesh()
-    config, ensemble, loaded = predict.load_ensemble(ckpts, mesh=mesh, tta=tta)
+    config, ensemble, loaded = predict.load_ensemble(ckpts, mesh=mesh, tta=tta, postprocess=postprocess)
+    if torch:
+        check_torch_twin(ensemble, config)
     if data_dir:
         config.data_dir = data_dir
     records = list(sources.test_examples(config))[:n]
@@ -247,13 +308,15 @@ def bench_predict(ckpts, *, data_dir: str | None, n: int, batch_size: int | None
                       for e, r in zip(ends, runs)],
         "rle_full_mask": time_rle(mask, rle_repeats),
         "cpu_per_image": cpu_costs(ensemble, records, config, first["texts"], first["packed"], tuple(cpu_size)),
+        "postprocess": ensemble.postprocess_name,
+        "torch": time_torch_twin(ensemble, records, config, batch_size, rounds) if torch else None,
     }
 
 
 def print_table(r: dict) -> None:
     n = r["images"]
     sizes = ", ".join(f"{h}x{w}" for h, w in r["image_sizes"])
-    print(f"predict: {r['models']} model(s) at {sizes}, tta={r['tta']}; {n} test photos, batch {r['batch_size']}, "
+    print(f"predict: {r['models']} model(s) at {sizes}, tta={r['tta']}, postprocess={r['postprocess']}; {n} test photos, batch {r['batch_size']}, "
           f"{r['num_workers']} grain workers, {r['rle_threads']} RLE threads; "
           f"{r['device_count']} x {r['device_kind']} ({r['platform']}); rounds {r['rounds']} (medians)")
     print(f"compile (untimed warm-up): {r['compile_s']:.1f} s")
@@ -283,3 +346,9 @@ def print_table(r: dict) -> None:
     print(f"one core, ms per image: decode+resize {c['decode_resize_ms_model_size']:.2f} at the model size, "
           f"{c['decode_resize_ms_cpu_size']:.2f} at {c['cpu_size'][0]}x{c['cpu_size'][1]}; RLE {c['rle_ms']:.2f}; "
           f"CSV row {c['csv_row_ms']:.3f}")
+    t = r["torch"]
+    if t:
+        print(f"device stage against its torch twin ({t['torch_version']} eager, {t['torch_threads']} threads; same "
+              f"photos, alternated batch by batch): JAX {t['jax_images_per_sec']:.1f} images/s, torch "
+              f"{t['torch_images_per_sec']:.1f} — JAX / torch {t['jax_over_torch']:.2f}x; masks differ on "
+              f"{100 * t['differing_pixels']:.4f}% of pixels")

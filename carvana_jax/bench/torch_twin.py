@@ -1,13 +1,15 @@
 """The U-Net of models/unet.py in PyTorch (eager, NCHW float32), for side-by-side CPU timings.
 
-Only ``python -m carvana_jax.bench train --torch`` uses it; torch is an optional dependency
+``python -m carvana_jax.bench train --torch`` times its training step and ``bench predict --torch`` its
+prediction (``Predictor``: a trained checkpoint's Flax variables copied in, ``load_flax_variables``); torch is an
+optional dependency
 (``pip install torch==2.13.0``, the CPU wheel, or the project's ``bench`` extra). The network is built from the
 Flax U-Net's own block specs (``UNet.block_specs``, ``UNet.head_spec``), so it has the same layers, widths and
 parameter count for the same ``config.model``: DoubleConv =
 (3×3 conv without bias → BatchNorm → ReLU) × 2 (or the dense block), 2×2 max-pool down, nearest ×2
 up-sampling, the skip concatenated after the up-sampled features, and a 1×1 head with bias (with
-``space_to_depth`` s: pixel_unshuffle in, a 3×3 head over the last block and the patches, pixel_shuffle out —
-torch orders a patch's channels differently, which changes neither the cost nor the count). Its loss is the
+``space_to_depth`` s: the patches folded into channels in models/unet.py's order, a 3×3 head over the last
+block and the patches, pixel_shuffle out). Its loss is the
 config's (BCE + soft Dice with smooth=1 per image by default, as losses.py) and its optimiser Adam/AdamW/
 RMSProp after the same global-norm clipping. Only the compute dtype differs: torch always runs float32.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,6 +52,14 @@ class Block(nn.Module):
         return self.layers[-1](x)
 
 
+def space_to_depth(x, s: int):
+    """(B, C, H, W) → (B, s·s·C, H/s, W/s), each patch's channels ordered (row, column, colour) as
+    models/unet.space_to_depth orders them (F.pixel_unshuffle puts the colour first), so Flax weights fit."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4)
+    return x.reshape(b, s * s * c, h // s, w // s)
+
+
 class UNet(nn.Module):
     """(B, 3, H, W) images in [0, 1] → (B, H, W) logits: the blocks and head the Flax U-Net describes."""
 
@@ -64,7 +75,7 @@ class UNet(nn.Module):
 
     def forward(self, x):
         if self.s > 1:
-            x = patches = F.pixel_unshuffle(x, self.s)
+            x = patches = space_to_depth(x, self.s)
         skips = []
         for block in self.down:
             x = block(x)
@@ -81,6 +92,52 @@ class UNet(nn.Module):
 
 def from_config(model_cfg) -> UNet:
     return UNet(unet.plain_unet(model_cfg))
+
+
+def _flax_layer_names(flax_unet, block) -> list[str]:
+    """The Flax submodule of each of a block's convolutions: ConvNormReLU_i, and a dense block's closing 1×1
+    convolution Conv_0."""
+    names = [f"ConvNormReLU_{i}" for i in range(len(block.convs))]
+    return names[:-1] + ["Conv_0"] if flax_unet.block == "dense" else names
+
+
+def _copy(tensor: torch.Tensor, value, what: str) -> None:
+    value = torch.from_numpy(np.asarray(value, np.float32))
+    if tuple(value.shape) != tuple(tensor.shape):
+        raise ValueError(f"{what}: shape {tuple(value.shape)} does not fit the twin's {tuple(tensor.shape)}")
+    tensor.copy_(value)
+
+
+def _load_conv(conv: nn.Conv2d, params: dict, what: str) -> None:
+    _copy(conv.weight, np.transpose(np.asarray(params["kernel"]), (3, 2, 0, 1)), f"{what}/kernel")  # HWIO → OIHW
+    if conv.bias is not None:
+        _copy(conv.bias, params["bias"], f"{what}/bias")
+
+
+@torch.no_grad()
+def load_flax_variables(twin: UNet, flax_unet, variables) -> UNet:
+    """``twin`` with the Flax U-Net's ``variables`` ({'params', 'batch_stats'}) copied in: convolution kernels
+    HWIO → OIHW, BatchNorm's scale, bias and running statistics; ValueError naming a key that does not fit."""
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    twins = {"centre": twin.centre, **{f"down{i}": b for i, b in enumerate(twin.down)},
+             **{f"up{i}": b for i, b in enumerate(twin.up)}}
+    for block in flax_unet.block_specs():
+        for layer, name in zip(twins[block.name].layers, _flax_layer_names(flax_unet, block)):
+            where = f"{block.name}/{name}"
+            try:
+                conv_params = params[block.name][name]
+                _load_conv(layer.conv, conv_params if name == "Conv_0" else conv_params["Conv_0"],
+                           where if name == "Conv_0" else f"{where}/Conv_0")
+                if isinstance(layer.norm, nn.BatchNorm2d):
+                    norm, norm_stats = conv_params["BatchNorm_0"], stats[block.name][name]["BatchNorm_0"]
+                    _copy(layer.norm.weight, norm["scale"], f"{where}/BatchNorm_0/scale")
+                    _copy(layer.norm.bias, norm["bias"], f"{where}/BatchNorm_0/bias")
+                    _copy(layer.norm.running_mean, norm_stats["mean"], f"{where}/BatchNorm_0/mean")
+                    _copy(layer.norm.running_var, norm_stats["var"], f"{where}/BatchNorm_0/var")
+            except KeyError as e:
+                raise ValueError(f"{where}: no {e} in the Flax variables") from None
+    _load_conv(twin.head, params["head"], "head")
+    return twin
 
 
 def param_count(model: nn.Module) -> int:
@@ -157,3 +214,29 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         return float(loss.detach())
+
+
+class Predictor:
+    """The prediction device stage in torch eager (``inference.ensemble_masks`` of one model, no guide): uint8
+    NHWC photos at the model's size → normalised → the twin in eval mode (BatchNorm's running statistics), the
+    mean of the plain and mirrored views' sigmoid with ``hflip``, bilinear up-sampling to 1280×1918
+    (``F.interpolate``, pixel centres aligned, as inference.upsample), threshold, then np.packbits: (B, 306880)."""
+
+    def __init__(self, flax_unet, variables, *, hflip: bool = False, threshold: float = 0.5,
+                 shape: tuple[int, int] = (1280, 1918)):
+        self.model = load_flax_variables(UNet(flax_unet), flax_unet, variables).eval()
+        self.hflip, self.threshold, self.shape = hflip, float(threshold), tuple(shape)
+
+    @torch.inference_mode()
+    def probs(self, images: np.ndarray) -> torch.Tensor:
+        """Model-size probabilities (B, H, W), the TTA mean."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+        probs = torch.sigmoid(self.model(x))
+        if self.hflip:
+            probs = (probs + torch.sigmoid(self.model(x.flip(3))).flip(2)) / 2
+        return probs
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        full = F.interpolate(self.probs(images)[:, None], size=self.shape, mode="bilinear", align_corners=False)
+        return np.packbits((full[:, 0] > self.threshold).numpy().reshape(len(images), -1), axis=1)
