@@ -121,6 +121,7 @@ def _random_variables(model, image_size, seed=0):
 def test_torch_twin_with_flax_weights_gives_the_flax_logits(overrides, image_size):
     pytest.importorskip("torch", reason="torch not installed (optional: pip install torch==2.13.0)")
     import torch
+
     from carvana_jax.bench import torch_twin as bench_torch
     model = unet.from_config(_model_cfg(**overrides))
     variables = _random_variables(model, image_size)
