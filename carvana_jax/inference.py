@@ -200,7 +200,7 @@ def masks_of_member_probs(probs, *, threshold=0.5, fits=None, shape=FULL_SHAPE):
     """``ensemble_masks`` without a guide, from the models' probabilities at their own sizes (``member_probs``),
     as a program of its own. Compiled together, XLA:CPU fuses the probabilities' sigmoid and TTA mean into the
     up-sampling's gathers and computes them again four times for every full-resolution pixel (400 times a
-    model pixel at 128×192): the two programs take 10–20% less time (BENCHMARKS.md, "Prediction"). With the guided
+    model pixel at 128×192): the two programs take 5–20% less time (BENCHMARKS.md, "Prediction"). With the guided
     filter in between, one program was the faster, so ``ensemble_masks`` stays one."""
     return (mean_full(probs, fits=fits, shape=shape) > threshold).astype(jnp.uint8)
 

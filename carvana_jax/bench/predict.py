@@ -35,10 +35,10 @@ import time
 import numpy as np
 
 from carvana_jax import parallel, predict, rle, submission
-from carvana_jax.errors import ConfigError
 from carvana_jax.bench.pipeline import CpuMeter
-from carvana_jax.data.warp_strip import cpu_name
 from carvana_jax.data import pipeline, sources
+from carvana_jax.data.warp_strip import cpu_name
+from carvana_jax.errors import ConfigError
 
 SHAPE = rle.FULL_SHAPE
 
@@ -214,8 +214,8 @@ def check_torch_twin(ensemble, config) -> None:
 
 
 def time_torch_twin(ensemble, records, config, batch_size: int, rounds: int) -> dict:
-    """The device stage (as ``time_stages`` times it, batch by batch) against ``torch_twin.Predictor`` on the same
-    decoded batches, one after the other for every batch, ``rounds`` times over all of them."""
+    """The device stage with the packed masks' copy to the host, batch by batch, against ``torch_twin.Predictor``
+    on the same decoded batches, one after the other for every batch, ``rounds`` times over all of them."""
     import jax
     import torch
 
@@ -316,8 +316,9 @@ def bench_predict(ckpts, *, data_dir: str | None, n: int, batch_size: int | None
 def print_table(r: dict) -> None:
     n = r["images"]
     sizes = ", ".join(f"{h}x{w}" for h, w in r["image_sizes"])
-    print(f"predict: {r['models']} model(s) at {sizes}, tta={r['tta']}, postprocess={r['postprocess']}; {n} test photos, batch {r['batch_size']}, "
-          f"{r['num_workers']} grain workers, {r['rle_threads']} RLE threads; "
+    print(f"predict: {r['models']} model(s) at {sizes}, tta={r['tta']}, postprocess={r['postprocess']}; "
+          f"{n} test photos, batch {r['batch_size']}, {r['num_workers']} grain workers, {r['rle_threads']} RLE "
+          f"threads; "
           f"{r['device_count']} x {r['device_kind']} ({r['platform']}); rounds {r['rounds']} (medians)")
     print(f"compile (untimed warm-up): {r['compile_s']:.1f} s")
     print(f"{'':44s} {'seconds':>8s} {'images/s':>9s} {'ms/image':>9s}")
