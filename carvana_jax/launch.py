@@ -8,7 +8,8 @@ carvana_jax.distributed reads, and its devices: JAX_NUM_CPU_DEVICES on CPU, its 
 Their output is forwarded line by line, prefixed with the process index. When one process fails, the others are
 stopped (they would wait for it forever in the next collective) and the launcher exits with its status. SIGTERM
 or Ctrl-C is passed on to every process (training saves the update in flight, the same one everywhere, and
-exits); a second one stops them at once.
+exits); a second one stops them at once, and so does the end of ``--stop_grace`` seconds after the first process
+has ended (one that failed while the others saved would leave them waiting for it in a collective forever).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "gpu"], "cpu: JAX_NUM_CPU_
                   "CUDA_VISIBLE_DEVICES per process; auto: gpu where nvidia-smi lists GPUs.")
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).", lower_bound=0)
 flags.DEFINE_float("timeout", 0, "Stop every process and exit 124 after this many seconds (0: never).", lower_bound=0)
+flags.DEFINE_float("stop_grace", 120, "After a stop signal, seconds the processes still running may take once one "
+                   "has ended, before they are stopped.", lower_bound=0)
 FLAGS = flags.FLAGS
 
 GRACE_S = 10  # between SIGTERM and SIGKILL when stopping the others
@@ -111,17 +114,19 @@ class StopRequests:
 
 
 def launch(command: list[str], num_processes: int, devices_per_process: int = 1, platform: str = "cpu",
-           port: int = 0, timeout: float = 0, stops: StopRequests | None = None) -> int:
+           port: int = 0, timeout: float = 0, stops: StopRequests | None = None, stop_grace: float = 120) -> int:
     """Run ``command`` as ``num_processes`` processes; 0 when all succeed, else the first failure's status.
 
     A first stop signal in ``stops`` is passed on to every process, which then finish as they choose
     (training saves the update in flight and exits): the launcher waits for them and exits with the first
-    non-zero status among theirs. A second stops them at once."""
+    non-zero status among theirs. A second stops them at once; so does the end of ``stop_grace`` seconds after
+    the first of them has ended (then the status is the first failure's, or 128 + SIGTERM)."""
     port = port or free_port()
     stops = stops or StopRequests()
     lock = threading.Lock()
     procs, threads = [], []
     passed_on = False
+    first_end = None  # when the first process ended after a stop was passed on
     try:
         for i in range(num_processes):
             env = process_env(i, num_processes, port, devices_per_process, platform)
@@ -152,6 +157,14 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 1,
                 return _status(code)
             if all(c is not None for c in codes):
                 return _status(failed[0][1]) if failed else 0
+            if passed_on and any(c is not None for c in codes):
+                first_end = first_end or time.monotonic()
+                if time.monotonic() - first_end > stop_grace:
+                    running = [i for i, c in enumerate(codes) if c is None]
+                    _stop(procs)
+                    log(f"process(es) {', '.join(map(str, running))} still running {stop_grace:g} s after the first "
+                        "ended; stopped them")
+                    return _status(failed[0][1]) if failed else 128 + signal.SIGTERM
             if timeout and time.monotonic() - start > timeout:
                 _stop(procs)
                 log(f"timed out after {timeout:g} s; stopped all {num_processes} processes")
@@ -199,7 +212,7 @@ def main(argv: list[str]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):  # a scheduler's stop, or Ctrl-C, reaches every process
         signal.signal(signum, stops.handle)
     sys.exit(launch(command, FLAGS.num_processes, FLAGS.devices_per_process, platform, FLAGS.port, FLAGS.timeout,
-                    stops))
+                    stops, FLAGS.stop_grace))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ localhost, started by carvana_jax.launch) train like 1 process × 4 devices, and
 in one process. Subprocesses run under timeouts, so a hung collective fails the test instead of the suite."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from helpers import assert_nothing_left
 
 from carvana_jax import distributed, launch, optim, train
 from carvana_jax.checkpoint import Checkpointer
@@ -134,6 +136,32 @@ def test_the_launcher_stops_the_others_when_one_fails():
     for i in range(3):
         assert f"[{i}] process {i} of 3 2" in result.stdout
     assert "process 1 exited with status 3; stopped the other 2" in result.stderr
+
+
+def test_after_a_stop_the_launcher_stops_a_process_left_waiting_once_the_grace_is_over():
+    """Process 0 fails at the stop; process 1 goes on (as if waiting for process 0 in a collective) until the
+    launcher's own SIGTERM, a second one."""
+    script = ("import os, signal, sys, time; i = int(os.environ['JAX_PROCESS_ID']); seen = []\n"
+              "def on_term(signum, frame):\n"
+              "    seen.append(signum)\n"
+              "    if i == 0 or len(seen) > 1: sys.exit(3 if i == 0 else 0)\n"
+              "signal.signal(signal.SIGTERM, on_term); print('ready', i, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-m", "carvana_jax.launch", "--num_processes=2", "--platform=cpu",
+                             "--stop_grace=1", "--", sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        ready = [proc.stdout.readline() for _ in range(2)]
+        assert sorted(line.split("] ")[1].strip() for line in ready) == ["ready 0", "ready 1"], ready
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert time.monotonic() - began < 20, "process 1 was stopped after the grace, not waited for"
+    assert "process(es) 1 still running 1 s after the first ended; stopped them" in err, err
+    assert_nothing_left(proc.pid)
 
 
 def test_launcher_environment_gives_each_process_its_place_and_devices():
