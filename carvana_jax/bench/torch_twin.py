@@ -102,7 +102,7 @@ def _flax_layer_names(flax_unet, block) -> list[str]:
 
 
 def _copy(tensor: torch.Tensor, value, what: str) -> None:
-    value = torch.from_numpy(np.asarray(value, np.float32))
+    value = torch.from_numpy(np.array(value, np.float32))  # a writable copy (jax arrays give read-only views)
     if tuple(value.shape) != tuple(tensor.shape):
         raise ValueError(f"{what}: shape {tuple(value.shape)} does not fit the twin's {tuple(tensor.shape)}")
     tensor.copy_(value)
