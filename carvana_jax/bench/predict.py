@@ -102,6 +102,14 @@ def _per_item_ms(fn, items) -> float:
     return 1e3 * best
 
 
+def dispatch_packed(ensemble, host_batch: dict):
+    """(the ensemble's bit-packed masks of a host batch, dispatched on the devices and not waited for; its number
+    of real rows): the batch padded to the mesh and sharded, as eval feeds it."""
+    batch = {k: v for k, v in host_batch.items() if k != "index"}
+    padded, n = parallel.pad_to_multiple(batch, ensemble.mesh.devices.size)
+    return ensemble.packed_fn(ensemble.variables, parallel.shard_batch(padded, ensemble.mesh)), n
+
+
 def time_stages(ensemble, records, config, batch_size: int, num_workers: int, threads: int, names) -> dict:
     """Each stage on its own over ``records`` (see the module doc); seconds, plus what the next needs."""
     seconds = {}
@@ -120,10 +128,7 @@ def time_stages(ensemble, records, config, batch_size: int, num_workers: int, th
     start = time.perf_counter()
     outputs = []
     for batch in host_batches:
-        batch = dict(batch)
-        batch.pop("index")
-        padded, n = parallel.pad_to_multiple(batch, ensemble.mesh.devices.size)
-        outputs.append((ensemble.packed_fn(ensemble.variables, parallel.shard_batch(padded, ensemble.mesh)), n))
+        outputs.append(dispatch_packed(ensemble, batch))
     for out, _ in outputs:
         out.block_until_ready()
     seconds["device"] = time.perf_counter() - start
@@ -228,9 +233,8 @@ def time_torch_twin(ensemble, records, config, batch_size: int, rounds: int) -> 
     batches = list(ensemble.dataset(records, config, batch_size, num_workers=0))
 
     def jax_stage(batch):
-        batch = {k: v for k, v in batch.items() if k != "index"}
-        padded, n = parallel.pad_to_multiple(batch, ensemble.mesh.devices.size)
-        return parallel.to_host(ensemble.packed_fn(ensemble.variables, parallel.shard_batch(padded, ensemble.mesh)))[:n]
+        packed, n = dispatch_packed(ensemble, batch)
+        return parallel.to_host(packed)[:n]
 
     jax_stage(batches[0]), twin(batches[0][key])  # warm-up: compile, first-touch the twin's buffers
     seconds = {"jax": 0.0, "torch": 0.0}
